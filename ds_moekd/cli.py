@@ -1,0 +1,29 @@
+"""`ds-moekd` command line: train, demo build."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="ds-moekd", description="Distil Mixture-of-Experts teachers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="train a student (also runs under deepspeed/torchrun)", add_help=False)
+    demo = sub.add_parser("demo", help="the embedded demo workload")
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True)
+    demo_sub.add_parser("build", help="build the demo dataset, tokenizer, teacher and student", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        from ds_moekd.train import main as train_main
+
+        train_main(rest)
+    elif args.command == "demo" and args.demo_command == "build":
+        from ds_moekd.demo.build import main as build_main
+
+        build_main(rest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Run configuration: frozen dataclasses loaded from YAML/JSON plus dotted CLI overrides.
+
+Every validation error names the field path (`optim.lr`), the bad value and, when the value
+came from a file, the file and line it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("sft", "kd")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message says which and where."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    train_file: str  # MiniLLM-format JSONL (instruction, input, output)
+    valid_file: str | None = None
+    max_prompt_tokens: int = 256  # longer prompts are dropped and counted
+    max_response_tokens: int = 256  # longer responses are truncated
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    path: str | None = None  # HF-format MoE checkpoint; `demo:teacher` is the embedded default
+    ep_size: int = 0  # expert-parallel size; 0 = the whole world
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudentConfig:
+    path: str  # HF-format causal LM; `demo:student` is the embedded default
+    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class KDConfig:
+    ce_weight: float = 0.5  # word-level KD: 0.5 CE + 0.5 KL(p||q) (paper's setting)
+    kl_weight: float = 0.5
+    temperature: float = 1.0
+    token_chunk: int = 0  # 0 = all tokens at once; >0 bounds the fp32 working set to chunk x vocab
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 100
+    gradient_accumulation_steps: int = 1
+    log_every: int = 1
+    save_every: int = 0  # 0 = only at the end
+    seed: int = 1234
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReportConfig:
+    eval_examples: int = 256  # held-out examples scored before/after training (0 = skip)
+    max_new_tokens: int = 32
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str
+    method: str = "kd"
+    output_dir: str = "runs"
+    data: DataConfig
+    student: StudentConfig
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+def _validate(cfg: RunConfig) -> None:
+    checks = [
+        ("method", cfg.method in METHODS, f"one of {METHODS}"),
+        ("teacher.path", cfg.method == "sft" or cfg.teacher.path, f"required for method {cfg.method!r}"),
+        ("teacher.ep_size", cfg.teacher.ep_size >= 0, "0 (whole world) or a positive divisor of the world size"),
+        ("teacher.dtype", cfg.teacher.dtype in DTYPES, f"one of {DTYPES}"),
+        ("data.micro_batch_size", cfg.data.micro_batch_size >= 1, "at least 1"),
+        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "at least 1"),
+        ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
+        ("optim.lr", cfg.optim.lr > 0, "positive"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "0 or more"),
+        ("optim.min_lr_ratio", 0 <= cfg.optim.min_lr_ratio <= 1, "between 0 and 1"),
+        ("kd.temperature", cfg.kd.temperature > 0, "positive"),
+        ("kd.ce_weight", cfg.kd.ce_weight >= 0, "0 or more"),
+        ("kd.kl_weight", cfg.kd.kl_weight >= 0, "0 or more"),
+        ("kd.token_chunk", cfg.kd.token_chunk >= 0, "0 or more"),
+        ("train.steps", cfg.train.steps >= 1, "at least 1"),
+        ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "at least 1"),
+        ("train.log_every", cfg.train.log_every >= 1, "at least 1"),
+        ("train.save_every", cfg.train.save_every >= 0, "0 or more"),
+        ("report.eval_examples", cfg.report.eval_examples >= 0, "0 or more"),
+    ]
+    for path, ok, expected in checks:
+        if not ok:
+            value = _get_path(cfg, path)
+            raise ConfigError(f"config field {path}={value!r} is invalid: expected {expected}")
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# --- building dataclasses from nested dicts, with field paths in every error ----------------
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check/convert one value against its annotated type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config field {path} must be a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"config field {path}={value!r} has the wrong type: expected {tp.__name__}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown config field {where!r}; known fields here: {sorted(known)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name in values:
+            kwargs[f.name] = _coerce(values[f.name], hints[f.name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config field {path} is required")
+    return cls(**kwargs)
+
+
+# --- loading -----------------------------------------------------------------------------
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else ""
+
+
+def _line_of(text: str, dotted: str) -> int | None:
+    """Line number (1-based) of a dotted key in a YAML/JSON document, for error messages."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            break
+        match = next(((k, v) for k, v in node.value if k.value == part), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML or JSON run config and apply `a.b=c` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from exc
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    overridden = set()
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+        overridden.add(".".join(keys))
+    try:
+        cfg = _build(RunConfig, raw)
+        _validate(cfg)
+    except ConfigError as exc:
+        msg = str(exc)
+        field_path = msg.split("config field ", 1)[-1].split("=", 1)[0].split(" ", 1)[0].strip("'")
+        if field_path in overridden:
+            raise ConfigError(f"{msg} (from a command-line override)") from None
+        line = _line_of(text, field_path)
+        raise ConfigError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}") from None
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

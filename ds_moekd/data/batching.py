@@ -1,0 +1,99 @@
+"""Tokenise instruction records and cut them into per-rank micro-batches.
+
+A global batch is `micro_batch_size * world_size` examples drawn from one seeded permutation;
+rank r takes its contiguous slice. So a 2-rank run sees exactly the examples a 1-rank run with
+twice the micro-batch sees, which is what makes the 2-rank == 1-rank loss test meaningful.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ds_moekd.data.instructions import InstructionRecord
+from ds_moekd.data.template import alpaca_prompt
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    prompt_ids: list[int]
+    response_ids: list[int]  # ends with EOS unless truncated
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    examples: list[TokenizedExample]
+    dropped_long_prompts: int  # prompts over the limit, dropped and counted (DESIGN §6)
+
+
+def tokenize_records(
+    records: Sequence[InstructionRecord], tokenizer, *, max_prompt_tokens: int, max_response_tokens: int
+) -> TokenizedDataset:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token: responses must end with one")
+    examples, dropped = [], 0
+    for rec in records:
+        prompt_ids = tokenizer(alpaca_prompt(rec.instruction, rec.input), add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) > max_prompt_tokens:
+            dropped += 1
+            continue
+        response_ids = tokenizer(rec.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(TokenizedExample(prompt_ids, response_ids[:max_response_tokens]))
+    if not examples:
+        raise ValueError(f"every one of {len(records)} prompts is longer than max_prompt_tokens={max_prompt_tokens}")
+    return TokenizedDataset(examples, dropped)
+
+
+@dataclass
+class Batch:
+    """Right-padded prompt+response sequences for teacher-forcing."""
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T] 1 = real token
+    loss_mask: torch.Tensor  # [B, T-1] 1 where position t predicts a response token t+1
+
+    @property
+    def targets(self) -> torch.Tensor:  # [B, T-1]
+        return self.input_ids[:, 1:]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
+    seqs = [ex.prompt_ids + ex.response_ids for ex in examples]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), length - 1), dtype=torch.float32)
+    for i, (ex, seq) in enumerate(zip(examples, seqs, strict=True)):
+        input_ids[i, : len(seq)] = torch.tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+        # position t predicts token t+1: response tokens sit at [len(prompt), len(seq))
+        loss_mask[i, len(ex.prompt_ids) - 1 : len(seq) - 1] = 1
+    return Batch(input_ids, attention_mask, loss_mask)
+
+
+def rank_batches(
+    dataset: TokenizedDataset,
+    *,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    seed: int,
+    pad_token_id: int,
+) -> Iterator[Batch]:
+    """Endless stream of this rank's micro-batches; a fresh seeded permutation every epoch."""
+    n, global_batch = len(dataset.examples), micro_batch_size * dp_size
+    if n < global_batch:
+        raise ValueError(f"{n} training examples cannot fill one global batch of {global_batch}")
+    for epoch in itertools.count():
+        generator = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=generator).tolist()
+        for start in range(0, n - global_batch + 1, global_batch):  # drop the ragged tail
+            mine = order[start + dp_rank * micro_batch_size : start + (dp_rank + 1) * micro_batch_size]
+            yield collate([dataset.examples[i] for i in mine], pad_token_id)

@@ -1,0 +1,135 @@
+"""Process groups and rank discovery.
+
+One `ParallelGroups` object is built once, after the default process group exists, and is
+passed explicitly to everything that communicates. Nothing else creates process groups.
+
+Layout (world W, expert-parallel size E): expert-parallel groups are blocks of E consecutive
+ranks ([0..E-1], [E..2E-1], ...); data parallelism spans the whole world (every rank feeds its
+own batch), so the student's ZeRO-3 partitioning and the teacher's EP groups both use `world`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Launchers differ in how they name a process's place in the job; normalise to torch's names.
+_RANK_SOURCES = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # deepspeed, torchrun
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH / Intel MPI (hydra)
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),  # srun
+)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str
+
+
+def discover_ranks(environ: dict[str, str] | None = None) -> RankInfo:
+    """Read rank, world size and local rank from whichever launcher started this process."""
+    env = os.environ if environ is None else environ
+    for rank_key, size_key, local_key in _RANK_SOURCES:
+        if rank_key in env and size_key in env:
+            return RankInfo(
+                rank=int(env[rank_key]),
+                world_size=int(env[size_key]),
+                local_rank=int(env.get(local_key, env.get("LOCAL_RANK", 0))),
+                source=rank_key,
+            )
+    return RankInfo(rank=0, world_size=1, local_rank=0, source="single-process")
+
+
+def export_rank_env(info: RankInfo) -> None:
+    """Make an MPI/SLURM launch look like torchrun so torch.distributed's env:// init works.
+
+    MASTER_ADDR defaults to loopback: a job spanning hosts must set it (the launch scripts do).
+    """
+    os.environ["RANK"] = str(info.rank)
+    os.environ["WORLD_SIZE"] = str(info.world_size)
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+
+
+def init_distributed(backend: str | None = None) -> RankInfo:
+    """Start the default process group through DeepSpeed (idempotent; single process works too)."""
+    info = discover_ranks()
+    export_rank_env(info)
+    if not dist.is_initialized():
+        import deepspeed
+
+        # deepspeed's own MPI discovery would overwrite MASTER_ADDR with the host's address;
+        # the environment is already complete, so it is not needed.
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return info
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """World, data-parallel and expert-parallel groups of one job."""
+
+    rank: int
+    world_size: int
+    ep_size: int
+    ep_rank: int
+    ep_group: dist.ProcessGroup | None  # None when ep_size == 1
+    world_group: dist.ProcessGroup | None  # None in a single process
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.world_group
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank
+
+    @classmethod
+    def single(cls) -> ParallelGroups:
+        return cls(rank=0, world_size=1, ep_size=1, ep_rank=0, ep_group=None, world_group=None)
+
+    @classmethod
+    def create(cls, ep_size: int = 0) -> ParallelGroups:
+        """Build the groups; ep_size 0 means "the whole world". Every rank must call this."""
+        if not dist.is_initialized():
+            if ep_size not in (0, 1):
+                raise ValueError(f"teacher.ep_size={ep_size} needs a distributed launch (world size is 1)")
+            return cls.single()
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        ep = world_size if ep_size == 0 else ep_size
+        if ep < 1 or world_size % ep != 0:
+            raise ValueError(
+                f"teacher.ep_size={ep_size} must divide the world size {world_size} "
+                f"(choose one of {[d for d in range(1, world_size + 1) if world_size % d == 0]})"
+            )
+        my_ep_group = None
+        for start in range(0, world_size, ep):  # new_group is collective: all ranks create all groups
+            group = dist.new_group(list(range(start, start + ep))) if ep > 1 else None
+            if start <= rank < start + ep:
+                my_ep_group = group
+        return cls(
+            rank=rank,
+            world_size=world_size,
+            ep_size=ep,
+            ep_rank=rank % ep,
+            ep_group=my_ep_group,
+            world_group=dist.group.WORLD,
+        )
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Sum over the group in place (no-op without a process group)."""
+    if group is not None and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor

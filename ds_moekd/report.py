@@ -1,0 +1,117 @@
+"""A run's `report.md`: what ran, the loss curve, throughput, and the student before/after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from ds_moekd.assets import resolve_path  # noqa: E402
+from ds_moekd.atomic import write_text  # noqa: E402
+from ds_moekd.config import RunConfig  # noqa: E402
+from ds_moekd.data.instructions import read_minillm_jsonl  # noqa: E402
+from ds_moekd.data.template import alpaca_prompt  # noqa: E402
+from ds_moekd.eval.generate import generate_responses  # noqa: E402
+from ds_moekd.eval.metrics import exact_match, rouge_l  # noqa: E402
+from ds_moekd.telemetry import read_metrics  # noqa: E402
+
+
+def score_model(model_dir: Path, records, max_new_tokens: int) -> dict:
+    """Greedy decoding on held-out records: strict exact match and ROUGE-L (both x100)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = [alpaca_prompt(r.instruction, r.input) for r in records]
+    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=64)
+    n = len(records)
+    return {
+        "examples": n,
+        "exact_match": sum(exact_match(p, r.references, strict=True) for p, r in zip(predictions, records)) / n,
+        "rouge_l": sum(rouge_l(p, r.references) for p, r in zip(predictions, records)) / n,
+    }
+
+
+def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
+    records = read_minillm_jsonl(resolve_path(cfg.data.valid_file))[: cfg.report.eval_examples]
+    return {
+        "data": cfg.data.valid_file,
+        "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",
+        "before": score_model(before_dir, records, cfg.report.max_new_tokens),
+        "after": score_model(after_dir, records, cfg.report.max_new_tokens),
+    }
+
+
+def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
+    steps = [m["step"] for m in metrics]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "ce", "kl"):
+        if key in metrics[0]:
+            ax.plot(steps, [m[key] for m in metrics], label=key)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per response token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _tenth_means(values: list[float]) -> tuple[float, float]:
+    k = max(1, len(values) // 10)
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def write_run_report(run_dir: Path, record: dict) -> None:
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    plot_loss(metrics, run_dir / "loss.png", f"{record['name']}: {record['method']} training loss")
+    first, last = _tenth_means([m["loss"] for m in metrics])
+    steady = metrics[len(metrics) // 10 :] or metrics  # skip warm-up steps for throughput
+    tokens_per_s = sum(m["tokens"] for m in steady) / sum(m["step_s"] for m in steady)
+    lines = [
+        f"# Run `{record['name']}`",
+        "",
+        f"Method **{record['method']}**, {record['steps']} steps, global batch {record['global_batch_size']}, "
+        f"world size {record['world_size']}, ZeRO stage {record['zero_stage']}, "
+        f"teacher expert-parallel size {record['teacher_ep_size']}. Wall time {record['wall_s']:.0f} s.",
+        "",
+        "## Loss",
+        "",
+        f"Mean loss over the first tenth of steps {first:.4f}, over the last tenth {last:.4f}.",
+        "",
+        "![loss](loss.png)",
+        "",
+        "## Throughput and memory",
+        "",
+        f"- {tokens_per_s:.0f} tokens/s (all ranks, after the first tenth of steps)",
+        f"- teacher forward {sum(m['teacher_s'] for m in steady) / len(steady) * 1000:.1f} ms/step, "
+        f"student {sum(m['student_s'] for m in steady) / len(steady) * 1000:.1f} ms/step",
+        f"- peak memory (rank 0) {max(m['peak_memory_mb'] for m in metrics):.0f} MB",
+        "",
+        "## Parallel layout (read from the live engine and teacher)",
+        "",
+        "| rank | student params held (ZeRO-3 partition) | teacher experts held | teacher expert bytes |",
+        "|---|---|---|---|",
+    ]
+    for r in record["per_rank"]:
+        t = r["teacher"] or {}
+        lines.append(
+            f"| {r['rank']} | {r['student_partitioned_params']:,} of {record['student_total_params']:,} | "
+            f"{t.get('local_expert_ids', '-')} | {t.get('expert_param_bytes', '-')} |"
+        )
+    if "eval" in record:
+        ev = record["eval"]
+        lines += [
+            "",
+            f"## Student on held-out data ({ev['before']['examples']} examples of `{ev['data']}`, {ev['decoding']})",
+            "",
+            "| student | strict exact match | ROUGE-L |",
+            "|---|---|---|",
+            f"| before | {ev['before']['exact_match']:.2f} | {ev['before']['rouge_l']:.2f} |",
+            f"| after {record['method']} | {ev['after']['exact_match']:.2f} | {ev['after']['rouge_l']:.2f} |",
+        ]
+    write_text(run_dir / "report.md", "\n".join(lines) + "\n")

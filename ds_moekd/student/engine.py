@@ -1,0 +1,91 @@
+"""The student: a Hugging Face causal LM trained inside a DeepSpeed ZeRO-3 engine."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import deepspeed
+import torch
+from transformers import AutoModelForCausalLM
+
+from ds_moekd.config import OptimConfig, RunConfig
+
+# Values of the DeepSpeed JSON that the run config owns; "auto" in the JSON means "fill in".
+_AUTO_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+def load_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict:
+    """Read the DeepSpeed JSON and fill the batch/optimizer values from the run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"student.deepspeed_config: {path} does not exist")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    filled = {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+    }
+    for key in _AUTO_FIELDS:
+        if ds.get(key, "auto") not in ("auto", filled[key]):
+            raise ValueError(
+                f"{path}: {key}={ds[key]!r} conflicts with the run config ({filled[key]!r}); set it to \"auto\""
+            )
+        ds[key] = filled[key]
+    ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size
+    params = ds.get("optimizer", {}).get("params", {})
+    for key, value in (("lr", cfg.optim.lr), ("weight_decay", cfg.optim.weight_decay)):
+        if params.get(key) == "auto":
+            params[key] = value
+    return ds
+
+
+def warmup_cosine(optim: OptimConfig, total_steps: int):
+    """LR multiplier: linear warmup, then cosine decay to min_lr_ratio."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
+
+    return factor
+
+
+def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int):
+    """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON)."""
+    ds_config = load_deepspeed_config(cfg.student.deepspeed_config, cfg, world_size)
+    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model.config.use_cache = False  # training forward; generation turns it back on
+    has_ds_optimizer = "optimizer" in ds_config
+    optimizer = None
+    if not has_ds_optimizer:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    schedule = warmup_cosine(cfg.optim, cfg.train.steps)
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=model.parameters() if has_ds_optimizer else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        config=ds_config,
+    )
+    return engine
+
+
+def partitioned_parameter_counts(engine) -> tuple[int, int]:
+    """(elements this rank holds, elements of the full model); ZeRO-3 keeps only a partition."""
+    local = total = 0
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total

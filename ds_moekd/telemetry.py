@@ -1,0 +1,58 @@
+"""Per-step metrics: timers, peak memory, and the rank-0 `metrics.jsonl` writer."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def peak_memory_mb() -> float:
+    """Peak accelerator memory where there is one, else the process's peak resident set."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class Stopwatch:
+    """Accumulates wall time of named phases within one step."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def time(self, name: str):
+        watch = self
+
+        class _Span:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                watch.totals[name] = watch.totals.get(name, 0.0) + time.perf_counter() - self.start
+
+        return _Span()
+
+
+class MetricsWriter:
+    """Appends one JSON object per step (rank 0 only; other ranks pass enabled=False)."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.enabled = enabled
+        self._file = path.open("a", buffering=1) if enabled else None
+
+    def write(self, record: dict) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

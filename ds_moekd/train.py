@@ -1,0 +1,148 @@
+"""The training loop. Run under a launcher, e.g.
+
+    deepspeed --num_gpus 2 --module ds_moekd.train --config ds_configs/quickstart.yaml
+    torchrun --nproc_per_node 2 -m ds_moekd.train --config ds_configs/quickstart.yaml
+
+or in one process with `ds-moekd train --config FILE [a.b=c ...]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from ds_moekd.assets import resolve_path
+from ds_moekd.config import RunConfig, load_config, save_config
+from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
+from ds_moekd.data.instructions import read_minillm_jsonl
+from ds_moekd.dist import ParallelGroups, init_distributed
+from ds_moekd.losses import backward_scale, global_token_count
+from ds_moekd.methods import build_method
+from ds_moekd.run_record import finish_run
+from ds_moekd.student.engine import build_student_engine
+from ds_moekd.telemetry import MetricsWriter, Stopwatch, peak_memory_mb
+
+
+def response_logits(logits_BTV: torch.Tensor, batch: Batch, vocab: int) -> torch.Tensor:
+    """Logits at positions that predict response tokens, `[N, vocab]` (padded rows dropped)."""
+    return logits_BTV[:, :-1][batch.loss_mask.bool()][:, :vocab]
+
+
+def train_step(engine, teacher, method, micro_batches: list[Batch], groups: ParallelGroups, vocab: int, watch):
+    """One optimizer step over this rank's micro-batches; returns (loss share, loss parts share).
+
+    Each returned value is this rank's share of the global mean: summing it over ranks gives the
+    loss of the whole global batch.
+    """
+    global_tokens = global_token_count([b.loss_mask for b in micro_batches], groups)
+    scale = backward_scale(groups, len(micro_batches))
+    loss_sum, parts_sum = 0.0, {}
+    for batch in micro_batches:
+        teacher_logits = None
+        if teacher is not None:
+            with watch.time("teacher_s"), torch.no_grad():
+                out = teacher(batch.input_ids, attention_mask=batch.attention_mask)
+                teacher_logits = response_logits(out.logits, batch, vocab)
+        with watch.time("student_s"):
+            out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            targets = batch.targets[batch.loss_mask.bool()]
+            loss, parts = method.loss(response_logits(out.logits, batch, vocab), teacher_logits, targets, global_tokens)
+            engine.backward(loss * scale)
+            engine.step()
+        loss_sum += loss.item()
+        parts_sum = {k: parts_sum.get(k, 0.0) + v for k, v in parts.items()}
+    return loss_sum, parts_sum
+
+
+def load_teacher(cfg: RunConfig, groups: ParallelGroups):
+    from ds_moekd.teacher import MoETeacher
+
+    dtype = getattr(torch, cfg.teacher.dtype)
+    return MoETeacher.from_pretrained(resolve_path(cfg.teacher.path), groups=groups, dtype=dtype)
+
+
+def train(cfg: RunConfig) -> dict:
+    start_time = time.time()
+    init_distributed()
+    groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
+    torch.manual_seed(cfg.train.seed)
+    is_main = groups.rank == 0
+    run_dir = cfg.run_dir
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+
+    student_path = resolve_path(cfg.student.path)
+    tokenizer = AutoTokenizer.from_pretrained(student_path)
+    vocab = len(tokenizer)
+    dataset = tokenize_records(
+        read_minillm_jsonl(resolve_path(cfg.data.train_file)),
+        tokenizer,
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.max_response_tokens,
+    )
+    batches = rank_batches(
+        dataset,
+        micro_batch_size=cfg.data.micro_batch_size,
+        dp_rank=groups.dp_rank,
+        dp_size=groups.dp_size,
+        seed=cfg.train.seed,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    method = build_method(cfg)
+    teacher = load_teacher(cfg, groups) if method.needs_teacher else None
+    engine = build_student_engine(student_path, cfg, groups.world_size)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
+    progress = tqdm(range(cfg.train.steps), disable=not is_main, desc=f"{cfg.method}", dynamic_ncols=True)
+    for step in progress:
+        step_start, watch = time.perf_counter(), Stopwatch()
+        micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
+        loss_sum, parts_sum = train_step(engine, teacher, method, micro_batches, groups, vocab, watch)
+        local_tokens = sum(b.num_tokens for b in micro_batches)
+        step_time = time.perf_counter() - step_start
+        # The logged loss is the global mean: sum the per-rank shares.
+        totals = torch.tensor([loss_sum, float(local_tokens), *parts_sum.values()], dtype=torch.float64)
+        if groups.dp_group is not None:
+            torch.distributed.all_reduce(totals, group=groups.dp_group)
+        record = {
+            "step": step + 1,
+            "loss": totals[0].item(),
+            **{k: totals[2 + i].item() for i, k in enumerate(parts_sum)},
+            "lr": engine.get_lr()[0],
+            "tokens": int(totals[1].item()),
+            "tokens_per_s": totals[1].item() / step_time,
+            "step_s": step_time,
+            "teacher_s": watch.totals.get("teacher_s", 0.0),
+            "student_s": watch.totals.get("student_s", 0.0),
+            "peak_memory_mb": peak_memory_mb(),
+        }
+        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+            metrics.write(record)
+        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
+            engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{step + 1}")
+    metrics.close()
+    engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{cfg.train.steps}")
+    return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ds-moekd train", description="Distil a MoE teacher into a student.")
+    parser.add_argument("--config", required=True, help="run config (YAML or JSON)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 optim.lr=1e-4")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    train(load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: KD of the demo student from the demo MoE teacher,
+# 2 ranks (CPU processes here, GPUs where present), teacher expert-parallel size 2, student
+# ZeRO-3. Writes runs/quickstart/. Extra arguments are config overrides (a.b=c).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bin="$(bash launcher/setup.sh)"
+source launcher/env.sh
+export PATH="$bin:$PATH"
+deepspeed --num_gpus 2 --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
+  --module ds_moekd.train --config ds_configs/quickstart.yaml "$@"
+echo "quickstart: wrote runs/quickstart/ (report.md, run.json, metrics.jsonl, student_hf/)"

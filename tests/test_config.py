@@ -1,0 +1,89 @@
+from pathlib import Path
+
+import pytest
+
+from ds_moekd.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+MINIMAL = """\
+name: t
+method: kd
+data:
+  train_file: train.jsonl
+teacher:
+  path: teacher_dir
+student:
+  path: student_dir
+optim:
+  lr: 0.001
+"""
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_loads_yaml_and_fills_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg.method == "kd" and cfg.optim.lr == 0.001
+    assert cfg.kd.ce_weight == 0.5 and cfg.kd.kl_weight == 0.5  # the paper's word-level KD
+    assert cfg.data.max_prompt_tokens == 256
+    assert cfg.run_dir == Path("runs") / "t"
+
+
+def test_overrides_apply_with_types(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["train.steps=7", "optim.lr=2e-4", "teacher.ep_size=2"])
+    assert cfg.train.steps == 7 and cfg.optim.lr == pytest.approx(2e-4) and cfg.teacher.ep_size == 2
+
+
+def test_bad_value_names_field_value_and_line(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("lr: 0.001", "lr: -1"))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "optim.lr=-1.0" in msg and f"{path}:10:" in msg
+
+
+def test_wrong_type_names_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.steps='many'"):
+        load_config(write(tmp_path, MINIMAL), ["train.steps=many"])
+
+
+def test_override_error_says_it_came_from_the_command_line(tmp_path):
+    with pytest.raises(ConfigError, match="command-line override"):
+        load_config(write(tmp_path, MINIMAL), ["method=magic"])
+
+
+def test_unknown_field_is_rejected_with_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config field 'optim\.learning_rate'"):
+        load_config(write(tmp_path, MINIMAL + "  learning_rate: 3\n"))
+
+
+def test_missing_required_field(tmp_path):
+    with pytest.raises(ConfigError, match="student is required"):
+        load_config(write(tmp_path, MINIMAL.replace("student:\n  path: student_dir\n", "")))
+
+
+def test_kd_needs_a_teacher(tmp_path):
+    with pytest.raises(ConfigError, match="teacher.path=None"):
+        load_config(write(tmp_path, MINIMAL.replace("teacher:\n  path: teacher_dir\n", "")))
+
+
+def test_json_configs_load_too(tmp_path):
+    path = write(tmp_path, '{"name": "j", "method": "sft", "data": {"train_file": "x"}, "student": {"path": "s"}}',
+                 "run.json")
+    assert load_config(path).method == "sft"
+
+
+def test_shipped_run_configs_are_valid():
+    for path in sorted((REPO / "ds_configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_error_line_points_into_the_right_section(tmp_path):
+    bad = MINIMAL.replace("teacher:\n  path: teacher_dir\n", "teacher:\n  path: teacher_dir\n  dtype: fp8\n")
+    with pytest.raises(ConfigError, match=r"run.yaml:7: config field teacher.dtype='fp8'"):
+        load_config(write(tmp_path, bad))

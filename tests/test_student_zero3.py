@@ -1,0 +1,177 @@
+"""The ZeRO-3 student on 2 real CPU ranks (gloo) against single-process references."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ds_moekd.config import DataConfig, KDConfig, OptimConfig, RunConfig, StudentConfig, TeacherConfig, TrainConfig
+from ds_moekd.data.batching import TokenizedExample, collate
+from ds_moekd.dist import ParallelGroups
+from ds_moekd.methods import build_method
+from ds_moekd.student.engine import build_student_engine, partitioned_parameter_counts
+from ds_moekd.telemetry import Stopwatch
+from ds_moekd.train import train_step
+
+VOCAB = 48
+
+
+def tiny_llama(seed: int, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def make_batches(seed: int, sizes: list[int]):
+    """Distinct, uneven micro-batches: different sequence counts, prompt and response lengths."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for n in sizes:
+        examples = []
+        for _ in range(n):
+            p, r = int(torch.randint(2, 7, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
+            ids = torch.randint(2, VOCAB, (p + r,), generator=g).tolist()
+            examples.append(TokenizedExample(ids[:p], ids[p:]))
+        batches.append(collate(examples, pad_token_id=0))
+    return batches
+
+
+def run_config(model_dir, method: str, gas: int, lr: float = 0.05) -> RunConfig:
+    return RunConfig(
+        name="t", method=method, data=DataConfig(train_file="unused", micro_batch_size=2),
+        teacher=TeacherConfig(path="unused"), student=StudentConfig(path=str(model_dir)),
+        optim=OptimConfig(lr=lr, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0),
+        train=TrainConfig(steps=5, gradient_accumulation_steps=gas), kd=KDConfig(),
+    )
+
+
+class FrozenTeacher:
+    """Any model returning `.logits` serves as the teacher for these student-side tests."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=attention_mask).logits)
+
+
+def sgd_engine(model, gas: int, lr: float):
+    import deepspeed
+
+    ds_config = {
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True, "steps_per_print": 10**9,
+        "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 by default
+    }
+    # SGD makes the update proportional to the gradient, so a mis-scaled loss shows up
+    # (Adam's first step is ~lr*sign(g) and would hide a factor of 2).
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def full_params(engine) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+
+def _kd_step_on_rank(student_state, teacher_state, batches_per_rank, method, lr):
+    rank = dist.get_rank()
+    groups = ParallelGroups.create(ep_size=1)
+    student, teacher = tiny_llama(0), tiny_llama(1)
+    student.load_state_dict(student_state)
+    teacher.load_state_dict(teacher_state)
+    micro_batches = batches_per_rank[rank]
+    engine = sgd_engine(student, gas=len(micro_batches), lr=lr)
+    cfg = run_config("unused", method, gas=len(micro_batches))
+    loss_share, _ = train_step(engine, FrozenTeacher(teacher), build_method(cfg), micro_batches, groups,
+                               VOCAB, Stopwatch())
+    local, total = partitioned_parameter_counts(engine)
+    return {"loss_share": loss_share, "params": full_params(engine), "local": local, "total": total}
+
+
+def reference_step(student_state, teacher_state, batches, method, lr):
+    """Plain torch, one process: mean over every response token of the concatenated batches."""
+    student, teacher = tiny_llama(0), tiny_llama(1)
+    student.load_state_dict(student_state)
+    teacher.load_state_dict(teacher_state)
+    ce_sum, kl_sum, count = 0.0, 0.0, 0
+    for b in batches:
+        mask = b.loss_mask.bool()
+        s = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][mask]
+        with torch.no_grad():
+            t = teacher(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1][mask]
+        ce_sum = ce_sum + F.cross_entropy(s, b.targets[mask], reduction="sum")
+        kl_sum = kl_sum + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+        count += int(mask.sum())
+    loss = ce_sum / count if method == "sft" else 0.5 * ce_sum / count + 0.5 * kl_sum / count
+    loss.backward()
+    with torch.no_grad():
+        for p in student.parameters():
+            p -= lr * p.grad
+    return loss.item(), {n: p.detach() for n, p in student.named_parameters()}
+
+
+@pytest.mark.parametrize("method,gas", [("kd", 1), ("kd", 2), ("sft", 2)])
+def test_two_rank_step_equals_one_rank_step_on_the_concatenated_batch(rank_pool2, method, gas):
+    student_state = tiny_llama(0).state_dict()
+    teacher_state = tiny_llama(1).state_dict()
+    # rank 0: micro-batches of 3 and 1 sequences; rank 1: 2 and 2 (different lengths too)
+    sizes = {0: [3, 1], 1: [2, 2]} if gas == 2 else {0: [3], 1: [1]}
+    batches = {r: make_batches(10 + r, sizes[r]) for r in (0, 1)}
+    lr = 0.05
+    results = rank_pool2.run(_kd_step_on_rank, student_state, teacher_state, batches, method, lr)
+    ref_loss, ref_params = reference_step(student_state, teacher_state, batches[0] + batches[1], method, lr)
+
+    assert sum(r["loss_share"] for r in results) == pytest.approx(ref_loss, rel=1e-5)
+    before = tiny_llama(0).state_dict()
+    for name, expected in ref_params.items():
+        assert not torch.equal(expected, before[name]) or name.endswith("norm.weight")
+        torch.testing.assert_close(results[0]["params"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+    # ZeRO-3: each rank holds about half of the parameters
+    assert results[0]["local"] + results[1]["local"] >= results[0]["total"]
+    assert max(r["local"] for r in results) < 0.6 * results[0]["total"]
+
+
+def _adam_steps_on_fixed_batch(model_dir, repo_config, batches, steps):
+    rank = dist.get_rank()
+    groups = ParallelGroups.create(ep_size=1)
+    cfg = run_config(model_dir, "sft", gas=1, lr=3e-3)
+    cfg = dataclasses.replace(cfg, student=StudentConfig(path=str(model_dir), deepspeed_config=repo_config))
+    engine = build_student_engine(model_dir, cfg, world_size=groups.world_size)
+    before = full_params(engine)
+    losses = []
+    for _ in range(steps):
+        share, _ = train_step(engine, None, build_method(cfg), [batches[rank]], groups, VOCAB, Stopwatch())
+        total = torch.tensor([share])
+        dist.all_reduce(total)
+        losses.append(total.item())
+    after = full_params(engine)
+    changed = sum(not torch.equal(before[n], after[n]) for n in before)
+    return {"losses": losses, "changed": changed, "n_params": len(before), "stage": engine.zero_optimization_stage()}
+
+
+def test_zero3_student_from_repo_config_learns_a_fixed_batch(rank_pool2, tmp_path):
+    model_dir = tmp_path / "student"
+    tiny_llama(0).save_pretrained(model_dir)
+    repo_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json")
+    batches = make_batches(3, [3, 2])
+    results = rank_pool2.run(_adam_steps_on_fixed_batch, model_dir, repo_config, batches, 8)
+    losses = results[0]["losses"]
+    assert results[0]["stage"] == 3
+    assert results[0]["changed"] == results[0]["n_params"]
+    assert losses[-1] < 0.8 * losses[0], losses

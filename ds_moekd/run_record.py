@@ -20,6 +20,7 @@ from ds_moekd.dist import ParallelGroups
 from ds_moekd.report import evaluate_student, write_run_report
 from ds_moekd.student.engine import partitioned_parameter_counts
 from ds_moekd.student.export import export_hf
+from ds_moekd.telemetry import phase
 
 
 def _gather(obj, groups: ParallelGroups) -> list:
@@ -51,7 +52,8 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
     run_dir = cfg.run_dir
     student_path = resolve_path(cfg.student.path)
     export_dir = run_dir / "student_hf"
-    export_hf(engine, tokenizer, export_dir, groups, _generation_config(student_path, tokenizer))
+    with phase("Hugging Face export"):
+        export_hf(engine, tokenizer, export_dir, groups, _generation_config(student_path, tokenizer))
 
     local_params, total_params = partitioned_parameter_counts(engine)
     per_rank = _gather(
@@ -84,7 +86,8 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
             "train_wall_s": time.time() - start_time,
         }
         if cfg.report.eval_examples and cfg.data.valid_file:
-            record["eval"] = evaluate_student(cfg, student_path, export_dir)
+            with phase("held-out evaluation before/after"):
+                record["eval"] = evaluate_student(cfg, student_path, export_dir)
         record["wall_s"] = time.time() - start_time
         write_text(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
         write_run_report(run_dir, record)

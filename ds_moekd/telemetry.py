@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+
+log = logging.getLogger("ds_moekd")
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs progress to stderr; other ranks only warnings (they would repeat it)."""
+    logging.basicConfig(format="[ds-moekd %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Log how long a start-up or wind-down phase took (they dominate short runs)."""
+    start = time.perf_counter()
+    yield
+    log.info("%s: %.1f s", name, time.perf_counter() - start)
 
 
 def peak_memory_mb() -> float:

@@ -24,7 +24,7 @@ from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import build_method
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
-from ds_moekd.telemetry import MetricsWriter, Stopwatch, peak_memory_mb
+from ds_moekd.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
 
 
 def response_logits(logits_BTV: torch.Tensor, batch: Batch, vocab: int) -> torch.Tensor:
@@ -67,8 +67,11 @@ def load_teacher(cfg: RunConfig, groups: ParallelGroups):
 
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
-    init_distributed()
-    groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
+    with phase("distributed start"):
+        info = init_distributed()
+        setup_logging(info.rank)
+        groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
+    log.info("world size %d (%s), teacher expert-parallel size %d", groups.world_size, info.source, groups.ep_size)
     torch.manual_seed(cfg.train.seed)
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
@@ -80,12 +83,15 @@ def train(cfg: RunConfig) -> dict:
     student_path = resolve_path(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
-    dataset = tokenize_records(
-        read_minillm_jsonl(resolve_path(cfg.data.train_file)),
-        tokenizer,
-        max_prompt_tokens=cfg.data.max_prompt_tokens,
-        max_response_tokens=cfg.data.max_response_tokens,
-    )
+    with phase("data"):
+        dataset = tokenize_records(
+            read_minillm_jsonl(resolve_path(cfg.data.train_file)),
+            tokenizer,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.data.max_response_tokens,
+        )
+    log.info("%d training examples (%d prompts over the limit dropped)", len(dataset.examples),
+             dataset.dropped_long_prompts)
     batches = rank_batches(
         dataset,
         micro_batch_size=cfg.data.micro_batch_size,
@@ -95,8 +101,10 @@ def train(cfg: RunConfig) -> dict:
         pad_token_id=tokenizer.pad_token_id,
     )
     method = build_method(cfg)
-    teacher = load_teacher(cfg, groups) if method.needs_teacher else None
-    engine = build_student_engine(student_path, cfg, groups.world_size)
+    with phase("teacher load"):
+        teacher = load_teacher(cfg, groups) if method.needs_teacher else None
+    with phase("student engine"):
+        engine = build_student_engine(student_path, cfg, groups.world_size)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
     progress = tqdm(range(cfg.train.steps), disable=not is_main, desc=f"{cfg.method}", dynamic_ncols=True)
     for step in progress:
@@ -127,7 +135,8 @@ def train(cfg: RunConfig) -> dict:
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{step + 1}")
     metrics.close()
-    engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{cfg.train.steps}")
+    with phase("DeepSpeed checkpoint"):
+        engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{cfg.train.steps}")
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 
 

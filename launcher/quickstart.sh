@@ -8,6 +8,8 @@ cd "$repo"
 bin="$(bash launcher/setup.sh)"
 source launcher/env.sh
 export PATH="$bin:$PATH"
+# Two ranks share this machine's cores: one rank's intra-op threads must not starve the other.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) > 3 ? $(nproc) / 2 : 1 ))}"
 deepspeed --num_gpus 2 --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
   --module ds_moekd.train --config ds_configs/quickstart.yaml "$@"
 echo "quickstart: wrote runs/quickstart/ (report.md, run.json, metrics.jsonl, student_hf/)"

@@ -1,0 +1,37 @@
+"""Shared fixtures: persistent CPU rank pools (spawned once per session) and the `gpu` marker."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from multirank import RankPool
+
+# Everything in the test suite runs on DeepSpeed's CPU accelerator over loopback.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def rank_pool2():
+    """Two gloo ranks, started on first use and shared by every test of the session."""
+    with RankPool(2) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def rank_pool4():
+    """Four gloo ranks (started only if a test asks for them)."""
+    with RankPool(4) as pool:
+        yield pool

@@ -8,6 +8,6 @@ Tokens arrive already grouped by expert: rows of expert e follow those of expert
 `tokens_per_expert_E` giving the group sizes.
 """
 
-from .reference import grouped_swiglu_reference
+from .reference import dense_swiglu_reference, grouped_swiglu_reference
 
-__all__ = ["grouped_swiglu_reference"]
+__all__ = ["dense_swiglu_reference", "grouped_swiglu_reference"]

@@ -35,3 +35,13 @@ def rank_pool4():
     """Four gloo ranks (started only if a test asks for them)."""
     with RankPool(4) as pool:
         yield pool
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """A tiny build of the demo workload (seconds): data, tokenizer, MoE teacher, student."""
+    from ds_moekd.demo.build import build_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo")
+    build_demo(out, seed=0, size="tiny", threads=1, log=lambda _: None)
+    return out

@@ -10,6 +10,7 @@ own batch), so the student's ZeRO-3 partitioning and the teacher's EP groups bot
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 
@@ -61,11 +62,18 @@ def export_rank_env(info: RankInfo) -> None:
 
 def init_distributed(backend: str | None = None) -> RankInfo:
     """Start the default process group through DeepSpeed (idempotent; single process works too)."""
+    import deepspeed
+    import deepspeed.comm
+
     info = discover_ranks()
     export_rank_env(info)
-    if not dist.is_initialized():
-        import deepspeed
-
+    if deepspeed.get_accelerator().device_name() == "cpu":
+        # On the CPU accelerator DeepSpeed compiles a shared-memory all-reduce op at start-up
+        # (1-2 minutes on a fresh machine); only DeepSpeed-inference's all-reduce uses it, so
+        # training skips the build and talks gloo.
+        # (`deepspeed.comm.torch` as an attribute is the torch package, hence import_module.)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not deepspeed.comm.is_initialized():
         # deepspeed's own MPI discovery would overwrite MASTER_ADDR with the host's address;
         # the environment is already complete, so it is not needed.
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

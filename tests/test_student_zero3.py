@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_moekd.config import DataConfig, KDConfig, OptimConfig, RunConfig, StudentConfig, TeacherConfig, TrainConfig
 from ds_moekd.data.batching import TokenizedExample, collate
-from ds_moekd.dist import ParallelGroups
+from ds_moekd.dist import ParallelGroups, init_distributed
 from ds_moekd.methods import build_method
 from ds_moekd.student.engine import build_student_engine, partitioned_parameter_counts
 from ds_moekd.telemetry import Stopwatch
@@ -67,6 +67,8 @@ class FrozenTeacher:
 
 def sgd_engine(model, gas: int, lr: float):
     import deepspeed
+
+    init_distributed()
 
     ds_config = {
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": gas,

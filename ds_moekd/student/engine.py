@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from ds_moekd.config import OptimConfig, RunConfig
+from ds_moekd.dist import init_distributed
 
 # Values of the DeepSpeed JSON that the run config owns; "auto" in the JSON means "fill in".
 _AUTO_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -59,6 +60,7 @@ def warmup_cosine(optim: OptimConfig, total_steps: int):
 
 def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int):
     """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON)."""
+    init_distributed()  # idempotent; DeepSpeed needs its comm layer before initialize
     ds_config = load_deepspeed_config(cfg.student.deepspeed_config, cfg, world_size)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)

@@ -2,11 +2,13 @@
 
 `CheckpointReader` opens a single `model.safetensors` or a sharded checkpoint with
 `model.safetensors.index.json`, reads tensors (or leading-dimension slices of them) by name and
-counts the bytes it read. `read_local_experts` reads one MoE block's local experts in the
-kernels' layout (`w_gate_up [E, H, 2I]`, `w_down [E, I, H]`) from either checkpoint layout:
-per expert (`{block}.experts.{e}.{gate,up,down}.weight`, as released and as transformers'
-`save_pretrained` writes) or fused (`{block}.experts.gate_up_proj [E, 2I, H]`,
-`{block}.experts.down_proj [E, H, I]`, transformers' in-memory layout).
+counts the bytes it read. FP8 block-scaled weights (DeepSeek-V3: `X.weight` in float8 with
+`X.weight_scale_inv`, one scale per 128x128 block) are dequantised tensor by tensor as they are
+read. `read_local_experts` reads one MoE block's local experts in the kernels' layout
+(`w_gate_up [E, H, 2I]`, `w_down [E, I, H]`) from either checkpoint layout: per expert (names
+from the family, as released and as transformers' `save_pretrained` writes) or fused
+(`{block}.experts.gate_up_proj [E, 2I, H]`, `{block}.experts.down_proj [E, H, I]`,
+transformers' in-memory layout).
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from typing_extensions import Self
 from ds_moekd.teacher.families import ExpertShape, Family
 
 SINGLE_FILE = "model.safetensors"
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointReader:
     """Tensors of one checkpoint by name; `bytes_read` counts the bytes materialised so far."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, fp8_block: tuple[int, int] = (128, 128)):
         self.path = path
+        self.fp8_block = fp8_block  # quantization_config.weight_block_size
         index_path = os.path.join(path, INDEX_FILE)
         single_path = os.path.join(path, SINGLE_FILE)
         if os.path.exists(index_path):
@@ -62,7 +66,28 @@ class CheckpointReader:
         view = self._slice(name)
         tensor = view[rows] if rows is not None else view[:]
         self.bytes_read += tensor.numel() * tensor.element_size()
+        if tensor.dtype in _FP8_DTYPES:
+            tensor = self._dequantize(name, tensor, rows)
         return tensor if dtype is None else tensor.to(dtype)
+
+    def _dequantize(self, name: str, weight_OI: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        scale_name = f"{name}_scale_inv"
+        if scale_name not in self:
+            raise ValueError(
+                f"{self.path}: {name} is {weight_OI.dtype} but has no {scale_name} to dequantise it"
+            )
+        if rows is not None or weight_OI.dim() != 2:
+            raise ValueError(
+                f"{self.path}: {name}: FP8 dequantisation supports whole 2-D weights (per-expert layout), "
+                f"not slices of {list(weight_OI.shape)}"
+            )
+        scale_BC = self.read(scale_name, dtype=torch.float32)
+        block_rows, block_cols = self.fp8_block
+        out_dim, in_dim = weight_OI.shape
+        scale_OI = scale_BC.repeat_interleave(block_rows, 0)[:out_dim].repeat_interleave(block_cols, 1)[
+            :, :in_dim
+        ]
+        return weight_OI.float() * scale_OI
 
     def _slice(self, name: str):
         file = self._file_of.get(name)
@@ -104,16 +129,20 @@ def read_local_experts(
     expert_ids: range,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights of experts `expert_ids` of one block: (`w_gate_up [E, H, 2I]`, `w_down [E, I, H]`)."""
+    """Weights of experts `expert_ids` of one block: (`w_gate_up [E, H, 2I]`, `w_down [E, I, H]`).
+
+    Experts narrower than the layer's widest (LLaMA-MoE) are zero-padded to I: a zero gate/up
+    column gives silu(0) * 0 = 0 and a zero down row adds nothing, so the output is unchanged.
+    """
     fused_gate_up = f"{block_prefix}.experts.gate_up_proj"
     if fused_gate_up in reader:
         return _read_fused(reader, block_prefix, shape, expert_ids, dtype)
-    first = f"{block_prefix}.experts.{expert_ids.start}.{family.expert_linear_names[0]}.weight"
+    first = f"{block_prefix}.{family.expert_keys[0].format(e=expert_ids.start)}"
     if first in reader:
         return _read_per_expert(reader, family, block_prefix, shape, expert_ids, dtype)
     raise KeyError(
         f"{reader.path}: found neither fused ({fused_gate_up}) nor per-expert ({first}) expert weights; "
-        f"keys under {block_prefix}.experts: {reader.names_with_prefix(block_prefix + '.experts')[:6]}"
+        f"keys under {block_prefix}: {reader.names_with_prefix(block_prefix)[:6]}"
     )
 
 
@@ -134,23 +163,19 @@ def _read_fused(reader, block_prefix, shape, expert_ids, dtype):
 
 def _read_per_expert(reader, family, block_prefix, shape, expert_ids, dtype):
     hidden, inter = shape.hidden_size, shape.intermediate_size
-    gate_name, up_name, down_name = family.expert_linear_names
-    w_gate_up_EHJ = torch.empty(len(expert_ids), hidden, 2 * inter, dtype=dtype)
-    w_down_EIH = torch.empty(len(expert_ids), inter, hidden, dtype=dtype)
+    widths = shape.expert_widths
+    w_gate_up_EHJ = torch.zeros(len(expert_ids), hidden, 2 * inter, dtype=dtype)
+    w_down_EIH = torch.zeros(len(expert_ids), inter, hidden, dtype=dtype)
     for local, e in enumerate(expert_ids):
-        prefix = f"{block_prefix}.experts.{e}"
-        for name, want in (
-            (gate_name, [inter, hidden]),
-            (up_name, [inter, hidden]),
-            (down_name, [hidden, inter]),
-        ):
-            if reader.shape(f"{prefix}.{name}.weight") != want:
+        width = widths[e]
+        gate, up, down = (f"{block_prefix}.{key.format(e=e)}" for key in family.expert_keys)
+        for name, want in ((gate, [width, hidden]), (up, [width, hidden]), (down, [hidden, width])):
+            if reader.shape(name) != want:
                 raise ValueError(
-                    f"{reader.path}: {prefix}.{name}.weight has shape {reader.shape(f'{prefix}.{name}.weight')}, "
-                    f"config implies {want}"
+                    f"{reader.path}: {name} has shape {reader.shape(name)}, config implies {want}"
                 )
         # nn.Linear stores [out, in]; the kernels multiply x @ W, so store transposed.
-        w_gate_up_EHJ[local, :, :inter] = reader.read(f"{prefix}.{gate_name}.weight", dtype=dtype).T
-        w_gate_up_EHJ[local, :, inter:] = reader.read(f"{prefix}.{up_name}.weight", dtype=dtype).T
-        w_down_EIH[local] = reader.read(f"{prefix}.{down_name}.weight", dtype=dtype).T
+        w_gate_up_EHJ[local, :, :width] = reader.read(gate, dtype=dtype).T
+        w_gate_up_EHJ[local, :, inter : inter + width] = reader.read(up, dtype=dtype).T
+        w_down_EIH[local, :width] = reader.read(down, dtype=dtype).T
     return w_gate_up_EHJ, w_down_EIH

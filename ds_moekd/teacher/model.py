@@ -4,22 +4,28 @@
 weight is allocated), reads the replicated weights (embeddings, attention, norms, dense MLPs,
 routers, lm_head) from the checkpoint, and replaces every sparse MoE block with an
 `ExpertParallelMoE` holding only this rank's experts, read by name from the checkpoint. Attention,
-norms and rotary embeddings stay transformers' own code.
+norms and rotary embeddings stay transformers' own code. Multi-token-prediction layers of
+DeepSeek checkpoints (`model.layers.{num_hidden_layers}...`) are never read: only tensors the
+skeleton needs are. FP8 block-scaled tensors are dequantised as they are read (loading.py).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.routing import NativeTopK, RouterSpec, RoutingPolicy
-from ds_moekd.teacher.families import Family, get_family
+from ds_moekd.teacher.families import Family, check_activation, get_family
+from ds_moekd.teacher.generation import generate
 from ds_moekd.teacher.loading import CheckpointReader, find_block_prefix, read_local_experts
 from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
+from ds_moekd.teacher.routers import make_router
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +57,8 @@ class MoETeacher(nn.Module):
         cls, path: str, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32
     ) -> MoETeacher:
         groups = ParallelGroups.single() if groups is None else groups
-        config = AutoConfig.from_pretrained(path)
-        family = get_family(config, path)
-        shape = family.expert_shape(config)
+        family, config, fp8_block = _read_config(path)
+        shape = family.expert_shape(config, 0)
         if shape.num_experts % groups.ep_size != 0:
             divisors = [d for d in range(1, shape.num_experts + 1) if shape.num_experts % d == 0]
             raise ValueError(
@@ -65,10 +70,14 @@ class MoETeacher(nn.Module):
         router = family.router_spec(config)
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        with CheckpointReader(path) as reader:
+            model = (
+                LlamaForCausalLM(config).to(dtype)
+                if family.make_config is not None
+                else AutoModelForCausalLM.from_config(config, dtype=dtype)
+            )
+        with CheckpointReader(path, fp8_block=fp8_block) as reader:
             moe_blocks, expert_bytes_read = _install_ep_blocks(
-                model, reader, family, router, expert_ids, groups
+                model, reader, family, router, expert_ids, groups, dtype
             )
             _load_replicated_weights(model, reader, dtype)
             bytes_read = reader.bytes_read
@@ -102,33 +111,85 @@ class MoETeacher(nn.Module):
         position_ids: torch.Tensor | None = None,
         routing: RoutingPolicy | None = None,
         sequence_index: torch.Tensor | None = None,
+        draw_index: torch.Tensor | None = None,
+        *,
+        cache=None,
+        output_hidden_states: bool = False,
+        return_gate_diagnostics: bool = False,
     ):
         """Logits of `input_ids [B, S]` under `routing` (None: the family's native top-k).
 
-        `sequence_index [B]` is each row's global index in the data (keys for counter-based
-        routing randomness; default 0..B-1). Under EP every rank of the EP group must call this
-        the same number of times (the MoE layers exchange tokens), with its own batch.
+        Returns transformers' causal-LM output (`.logits [B, S, V]`); with `output_hidden_states`
+        also `.last_hidden_state [B, S, H]` (after the final norm, the input of lm_head); with
+        `return_gate_diagnostics` also `.gate_diagnostics`, one `GateDiagnostics` per MoE layer.
+
+        Keys of counter-based routing randomness: `sequence_index [B]` is each row's global index
+        in the data (default 0..B-1), `draw_index [B]` its teacher draw (default 0; KA's M draws
+        are M copies of the batch with draw indices 0..M-1, see `forward_draws`), and a token's
+        position counts only the real tokens before it (from `position_ids`, else from
+        `attention_mask`), so padding changes no draw. Under EP every rank of the EP group must
+        call this the same number of times (the MoE layers exchange tokens), with its own batch.
         """
         batch, seq = input_ids.shape
         device = input_ids.device
-        positions_BS = (
-            position_ids if position_ids is not None else torch.arange(seq, device=device).expand(batch, seq)
-        )
+        mask_BS = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if position_ids is not None:
+            key_positions_BS = position_ids.expand(batch, seq)
+        else:  # with a cache the mask also covers the cached tokens: keep the last `seq` columns
+            key_positions_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         sequences = sequence_index if sequence_index is not None else torch.arange(batch, device=device)
+        draws = draw_index if draw_index is not None else torch.zeros(batch, dtype=torch.long, device=device)
         active = ActiveRouting(
             policy=NativeTopK() if routing is None else routing,
-            sequence_T=sequences[:, None].expand(batch, seq).reshape(-1),
-            position_T=positions_BS.expand(batch, seq).reshape(-1),
+            sequence_T=sequences.to(device)[:, None].expand(batch, seq).reshape(-1),
+            position_T=key_positions_BS.reshape(-1),
+            draw_T=draws.to(device)[:, None].expand(batch, seq).reshape(-1),
+            token_mask_T=mask_BS[:, -seq:].reshape(-1),
+            diagnostics=[] if return_gate_diagnostics else None,
         )
         for block in self._moe_blocks:
             block.active = active
         try:
-            return self.model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=cache is not None,
+                output_hidden_states=output_hidden_states,
             )
         finally:
             for block in self._moe_blocks:
                 block.active = None
+        if output_hidden_states:
+            out.last_hidden_state = out.hidden_states[-1]
+        if return_gate_diagnostics:
+            out.gate_diagnostics = active.diagnostics
+        return out
+
+    def forward_draws(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        routing: RoutingPolicy,
+        num_draws: int,
+        sequence_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits `[M, B, S, V]` of `num_draws` independent routing draws, as one batched forward."""
+        batch = input_ids.shape[0]
+        sequences = (
+            sequence_index if sequence_index is not None else torch.arange(batch, device=input_ids.device)
+        )
+        logits = self(
+            input_ids.repeat(num_draws, 1),
+            attention_mask=None if attention_mask is None else attention_mask.repeat(num_draws, 1),
+            routing=routing,
+            sequence_index=sequences.repeat(num_draws),
+            draw_index=torch.arange(num_draws, device=input_ids.device).repeat_interleave(batch),
+        ).logits
+        return logits.view(num_draws, batch, *logits.shape[1:])
+
+    generate = generate
 
     @property
     def config(self) -> PretrainedConfig:
@@ -162,6 +223,30 @@ class MoETeacher(nn.Module):
         )
 
 
+def _read_config(path: str) -> tuple[Family, PretrainedConfig, tuple[int, int]]:
+    """The family, transformers config and FP8 block size of a checkpoint, from config.json alone
+    (no remote code)."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(
+            f"{path}: no config.json; the teacher path must be a Hugging Face checkpoint directory"
+        )
+    with open(config_path) as f:
+        raw = json.load(f)
+    family = get_family(raw.get("model_type"), path)
+    config = family.make_config(raw) if family.make_config is not None else AutoConfig.from_pretrained(path)
+    # FP8 weights are dequantised on load (loading.py); the skeleton is an ordinary float model.
+    quantization = raw.get("quantization_config") or {}
+    if quantization and quantization.get("quant_method") != "fp8":
+        raise ValueError(
+            f"{path}/config.json: quantization_config.quant_method={quantization.get('quant_method')!r}; "
+            "the teacher reads unquantised or FP8 block-scaled (quant_method 'fp8') checkpoints"
+        )
+    config.__dict__.pop("quantization_config", None)
+    check_activation(config, path)
+    return family, config, tuple(quantization.get("weight_block_size", (128, 128)))
+
+
 def _install_ep_blocks(
     model: PreTrainedModel,
     reader: CheckpointReader,
@@ -169,29 +254,40 @@ def _install_ep_blocks(
     router: RouterSpec,
     expert_ids: range,
     groups: ParallelGroups,
+    dtype: torch.dtype,
 ) -> tuple[list[ExpertParallelMoE], int]:
     """Replace each of the family's sparse MoE blocks by an EP block; returns them and the expert bytes read."""
-    shape = family.expert_shape(model.config)
-    dtype = model.dtype
+    config = model.config
     moe_blocks, expert_bytes_read = [], 0
     for name, module in list(model.named_modules()):
         if type(module).__name__ != family.sparse_block_class:
             continue
         layer_prefix, _, attr = name.rpartition(".")  # "model.layers.3", "mlp"
+        layer_index = int(layer_prefix.rsplit(".", 1)[1])
         block_prefix = find_block_prefix(reader, family, layer_prefix)
-        gate_weight_NH = reader.read(f"{block_prefix}.{family.router_weight_name}", dtype=dtype)
+        shape = family.expert_shape(config, layer_index)
         before = reader.bytes_read
         w_gate_up_EHJ, w_down_EIH = read_local_experts(reader, family, block_prefix, shape, expert_ids, dtype)
         expert_bytes_read += reader.bytes_read - before
+        with torch.device("meta"):
+            gate = make_router(family.router_kind, config, shape.num_experts, dtype)
+        shared = [
+            (attr_name, getattr(module, attr_name))
+            for attr_name in (family.shared_expert_attr, family.shared_expert_gate_attr)
+            if attr_name is not None
+        ]
         block = ExpertParallelMoE(
-            layer_index=int(layer_prefix.rsplit(".", 1)[1]),
+            layer_index=layer_index,
             router=router,
-            gate_weight_NH=gate_weight_NH,
+            gate=gate,
             w_gate_up_EHJ=w_gate_up_EHJ,
             w_down_EIH=w_down_EIH,
             expert_ids=expert_ids,
             groups=groups,
+            shared_expert=shared[0] if shared else None,
+            shared_expert_gate=shared[1] if len(shared) > 1 else None,
         )
+        _load_block_weights(block, reader, block_prefix, dtype)
         setattr(model.get_submodule(layer_prefix), attr, block)
         moe_blocks.append(block)
     if not moe_blocks:
@@ -200,6 +296,24 @@ def _install_ep_blocks(
             f"{family.sparse_block_class}; nothing to run expert-parallel"
         )
     return moe_blocks, expert_bytes_read
+
+
+def _load_block_weights(block: ExpertParallelMoE, reader: CheckpointReader, block_prefix: str, dtype) -> None:
+    """Router and shared-expert weights of one block, by their checkpoint names under `block_prefix`
+    (which may differ from the in-model name, e.g. Mixtral's `block_sparse_moe`)."""
+    for name, param in list(block.named_parameters()):
+        if param.device.type != "meta":
+            continue
+        # Routers computed in fp32 (DeepSeek) keep fp32 weights, as transformers declares them.
+        tensor = reader.read(
+            f"{block_prefix}.{name}", dtype=param.dtype if param.dtype == torch.float32 else dtype
+        )
+        if list(tensor.shape) != list(param.shape):
+            raise ValueError(
+                f"{reader.path}: {block_prefix}.{name} has shape {list(tensor.shape)}, "
+                f"config.json implies {list(param.shape)}"
+            )
+        _set_parameter(block, name, nn.Parameter(tensor, requires_grad=False))
 
 
 def _load_replicated_weights(model: PreTrainedModel, reader: CheckpointReader, dtype: torch.dtype) -> None:

@@ -1,31 +1,42 @@
 """The expert-parallel MoE block that replaces a family's sparse MoE block in the teacher.
 
-It holds the replicated router and only this rank's experts. transformers' decoder layer calls
-`mlp(hidden_states)` with nothing else, so the routing policy and per-token keys of the current
-forward are set on the block by `MoETeacher.forward` (`active`) rather than passed as arguments.
+It holds the replicated router (and shared experts, where the family has them) and only this
+rank's experts. transformers' decoder layer calls `mlp(hidden_states)` with nothing else, so the
+routing policy and per-token keys of the current forward are set on the block by
+`MoETeacher.forward` (`active`) rather than passed as arguments.
+
+Dispatch: a policy choosing more than half of the experts per token (ALL, KA with K = N-1, SAR)
+runs the dense all-gather/reduce-scatter path; fewer (native top-k), the sparse all-to-all path.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ds_moekd.dist import ParallelGroups
-from ds_moekd.kernels import grouped_swiglu_reference
+from ds_moekd.kernels import dense_experts, grouped_experts
 from ds_moekd.routing import RouterSpec, RoutingContext, RoutingPolicy
+from ds_moekd.teacher.dense_dispatch import dispatch_dense
+from ds_moekd.teacher.diagnostics import GateDiagnostics, gate_diagnostics
 from ds_moekd.teacher.dispatch import dispatch_sparse
 
+logger = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
+
+@dataclass
 class ActiveRouting:
     """Routing of one teacher forward: the policy and each token's keys (flattened batch order)."""
 
     policy: RoutingPolicy
     sequence_T: torch.Tensor
     position_T: torch.Tensor
+    draw_T: torch.Tensor
+    token_mask_T: torch.Tensor  # 1 for real tokens, 0 for padding (diagnostics only)
+    diagnostics: list[GateDiagnostics] | None = None  # filled in layer order when not None
 
 
 class ExpertParallelMoE(nn.Module):
@@ -34,24 +45,38 @@ class ExpertParallelMoE(nn.Module):
         *,
         layer_index: int,
         router: RouterSpec,
-        gate_weight_NH: torch.Tensor,
+        gate: nn.Module,
         w_gate_up_EHJ: torch.Tensor,
         w_down_EIH: torch.Tensor,
         expert_ids: range,
         groups: ParallelGroups,
+        shared_expert: tuple[str, nn.Module] | None = None,
+        shared_expert_gate: tuple[str, nn.Module] | None = None,
     ):
         super().__init__()
         self.layer_index = layer_index
         self.router = router
         self.expert_ids = expert_ids
         self.groups = groups
-        self.gate_weight_NH = nn.Parameter(gate_weight_NH, requires_grad=False)  # replicated router
+        self.gate = gate  # replicated router module (checkpoint names under `gate.`)
         self.w_gate_up_EHJ = nn.Parameter(w_gate_up_EHJ, requires_grad=False)
         self.w_down_EIH = nn.Parameter(w_down_EIH, requires_grad=False)
+        # Shared experts keep transformers' module and attribute name, so checkpoint names match.
+        self._shared_name = None if shared_expert is None else shared_expert[0]
+        self._shared_gate_name = None if shared_expert_gate is None else shared_expert_gate[0]
+        for pair in (shared_expert, shared_expert_gate):
+            if pair is not None:
+                self.add_module(*pair)
         self.active: ActiveRouting | None = None
         # Assignments each local expert computed in the last forward (all EP ranks' tokens);
         # for routing diagnostics and tests.
         self.last_load_E: torch.Tensor | None = None
+        self._logged_paths: set[str] = set()
+
+    @property
+    def gate_weight_NH(self) -> torch.Tensor:
+        """The linear router's weight (families with a single-matrix router)."""
+        return self.gate.weight
 
     def forward(self, hidden_BSH: torch.Tensor) -> torch.Tensor:
         if self.active is None:
@@ -59,23 +84,57 @@ class ExpertParallelMoE(nn.Module):
                 f"ExpertParallelMoE (layer {self.layer_index}) called outside MoETeacher.forward: "
                 "call the teacher, not its inner transformers model, so a routing policy is set"
             )
+        active = self.active
         x_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
-        logits_TN = F.linear(x_TH, self.gate_weight_NH)
-        context = RoutingContext(self.layer_index, self.active.sequence_T, self.active.position_T)
-        expert_ids_TK, weights_TK = self.active.policy.route(logits_TN, self.router, context)
-        out_TH, self.last_load_E = dispatch_sparse(
-            x_TH,
-            expert_ids_TK,
-            weights_TK,
-            num_experts=self.router.num_experts,
-            ep_size=self.groups.ep_size,
-            ep_group=self.groups.ep_group,
-            expert_ffn=self._local_experts,
-        )
+        logits_TN = self.gate(x_TH)
+        router = self.router.for_layer(getattr(self.gate, "e_score_correction_bias", None))
+        context = RoutingContext(self.layer_index, active.sequence_T, active.position_T, active.draw_T)
+        expert_ids_TK, weights_TK = active.policy.route(logits_TN, router, context)
+        if active.diagnostics is not None:
+            active.diagnostics.append(
+                gate_diagnostics(self.layer_index, logits_TN, router, expert_ids_TK, active.token_mask_T)
+            )
+        if 2 * expert_ids_TK.shape[1] > router.num_experts:
+            self._log_path("dense all-gather/reduce-scatter")
+            gate_weights_TN = torch.zeros_like(logits_TN, dtype=weights_TK.dtype).scatter(
+                1, expert_ids_TK, weights_TK
+            )
+            out_TH, self.last_load_E = dispatch_dense(
+                x_TH,
+                gate_weights_TN,
+                ep_size=self.groups.ep_size,
+                ep_rank=self.groups.ep_rank,
+                ep_group=self.groups.ep_group,
+                expert_ffn=self._local_experts_dense,
+            )
+        else:
+            self._log_path("sparse all-to-all")
+            out_TH, self.last_load_E = dispatch_sparse(
+                x_TH,
+                expert_ids_TK,
+                weights_TK,
+                num_experts=router.num_experts,
+                ep_size=self.groups.ep_size,
+                ep_group=self.groups.ep_group,
+                expert_ffn=self._local_experts_grouped,
+            )
+        if self._shared_name is not None:
+            shared_TH = getattr(self, self._shared_name)(x_TH)
+            if self._shared_gate_name is not None:
+                shared_TH = torch.sigmoid(getattr(self, self._shared_gate_name)(x_TH)) * shared_TH
+            out_TH = out_TH + shared_TH
         return out_TH.view_as(hidden_BSH)
 
-    def _local_experts(self, x_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        return grouped_swiglu_reference(x_RH, tokens_per_expert_E, self.w_gate_up_EHJ, self.w_down_EIH)
+    def _local_experts_grouped(self, x_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        return grouped_experts(x_RH, tokens_per_expert_E, self.w_gate_up_EHJ, self.w_down_EIH)
+
+    def _local_experts_dense(self, x_RH: torch.Tensor, gate_weights_RE: torch.Tensor) -> torch.Tensor:
+        return dense_experts(x_RH, gate_weights_RE, self.w_gate_up_EHJ, self.w_down_EIH)
+
+    def _log_path(self, path: str) -> None:
+        if path not in self._logged_paths:
+            self._logged_paths.add(path)
+            logger.info("MoE layer %d: %s dispatch, ds_moekd.kernels experts", self.layer_index, path)
 
     def extra_repr(self) -> str:
         return (

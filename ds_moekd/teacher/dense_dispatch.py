@@ -1,0 +1,88 @@
+"""Dense expert-parallel dispatch for routing that uses (nearly) every expert: ALL, SAR, KA.
+
+Every token needs most experts, so instead of an all-to-all per assignment the EP group
+all-gathers its tokens and their gate weights, every rank runs its local experts on all of them
+as dense GEMMs (a dropped expert is a zero weight), and a reduce-scatter sums the weighted
+outputs back to the tokens' home ranks. Ranks may hold different token counts (ragged on-policy
+batches): each pads to the group maximum with zero rows, whose zero gate weights contribute
+nothing. Both collectives are autograd functions (the backward of an all-gather is a
+reduce-scatter and vice versa), so SAR's router gradient flows through them. Memory is
+O(E_p * T_max * (H + N)) plus the expert FFN's own activations: linear in tokens, no
+tokens x tokens x experts mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+# (all tokens [R, H], their gate weights for the local experts [R, E_local]) -> weighted sum [R, H]
+DenseExpertFFN = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _AllGatherPadded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TD, max_tokens, ep_size, group):
+        ctx.tokens, ctx.max_tokens, ctx.ep_size, ctx.group = x_TD.shape[0], max_tokens, ep_size, group
+        padded_MD = x_TD.new_zeros(max_tokens, x_TD.shape[1])
+        padded_MD[: x_TD.shape[0]] = x_TD
+        gathered_RD = x_TD.new_empty(ep_size * max_tokens, x_TD.shape[1])
+        dist.all_gather_into_tensor(gathered_RD, padded_MD, group=group)
+        return gathered_RD
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        grad_MD = grad_RD.new_empty(ctx.max_tokens, grad_RD.shape[1])
+        dist.reduce_scatter_tensor(grad_MD, grad_RD.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad_MD[: ctx.tokens], None, None, None
+
+
+class _ReduceScatterPadded(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RD, tokens, max_tokens, ep_size, group):
+        ctx.tokens, ctx.max_tokens, ctx.ep_size, ctx.group = tokens, max_tokens, ep_size, group
+        mine_MD = y_RD.new_empty(max_tokens, y_RD.shape[1])
+        dist.reduce_scatter_tensor(mine_MD, y_RD.contiguous(), op=dist.ReduceOp.SUM, group=group)
+        return mine_MD[:tokens]
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        padded_MD = grad_TD.new_zeros(ctx.max_tokens, grad_TD.shape[1])
+        padded_MD[: ctx.tokens] = grad_TD
+        grad_RD = grad_TD.new_empty(ctx.ep_size * ctx.max_tokens, grad_TD.shape[1])
+        dist.all_gather_into_tensor(grad_RD, padded_MD, group=ctx.group)
+        return grad_RD, None, None, None, None
+
+
+def dispatch_dense(
+    x_TH: torch.Tensor,
+    gate_weights_TN: torch.Tensor,
+    *,
+    ep_size: int,
+    ep_rank: int,
+    ep_group: dist.ProcessGroup | None,
+    expert_ffn: DenseExpertFFN,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_e g[t, e] * expert_e(x[t]) `[T, H]` for this rank's tokens, and this rank's expert load.
+
+    `gate_weights_TN` holds every expert's weight (0 for an expert a token does not use); the
+    load `[E_local]` counts the tokens (of all EP ranks) with a nonzero weight on each local expert.
+    """
+    num_experts = gate_weights_TN.shape[1]
+    local = num_experts // ep_size
+    columns = slice(ep_rank * local, (ep_rank + 1) * local)
+    if ep_size == 1:
+        return expert_ffn(x_TH, gate_weights_TN), (gate_weights_TN != 0).sum(dim=0)
+    tokens = x_TH.shape[0]
+    max_tokens_1 = torch.tensor([tokens], device=x_TH.device)
+    dist.all_reduce(max_tokens_1, op=dist.ReduceOp.MAX, group=ep_group)
+    max_tokens = int(max_tokens_1.item())
+    all_x_RH = _AllGatherPadded.apply(x_TH, max_tokens, ep_size, ep_group)
+    # All N columns: each rank needs a different column slice of every rank's tokens; one gather serves all.
+    all_g_RN = _AllGatherPadded.apply(gate_weights_TN, max_tokens, ep_size, ep_group)
+    local_g_RE = all_g_RN[:, columns]
+    partial_RH = expert_ffn(all_x_RH, local_g_RE)
+    out_TH = _ReduceScatterPadded.apply(partial_RH, tokens, max_tokens, ep_size, ep_group)
+    return out_TH, (local_g_RE != 0).sum(dim=0)

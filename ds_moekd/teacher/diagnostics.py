@@ -1,0 +1,47 @@
+"""Gate diagnostics of one MoE layer forward, for reports (the paper's motivation, DESIGN §1).
+
+Native top-k uses the k best experts; the router probability left on the others
+(`1 - sum of the native top-k probabilities`) is what ALL/KA/SAR reach. Recorded per layer for
+this rank's real (non-padding) tokens as sums and counts, so ranks and batches add up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ds_moekd.routing import RouterSpec
+
+
+@dataclass(frozen=True)
+class GateDiagnostics:
+    layer_index: int
+    tokens: int  # real tokens of this rank in this forward
+    unrouted_mass_sum: float  # sum over those tokens of the probability native top-k leaves unused
+    load_N: torch.Tensor  # assignments per expert under the routing policy that ran (int64)
+
+    @property
+    def unrouted_mass_mean(self) -> float:
+        return self.unrouted_mass_sum / max(1, self.tokens)
+
+
+def gate_diagnostics(
+    layer_index: int,
+    logits_TN: torch.Tensor,
+    router: RouterSpec,
+    expert_ids_TK: torch.Tensor,
+    token_mask_T: torch.Tensor,
+) -> GateDiagnostics:
+    with torch.no_grad():
+        real_T = token_mask_T.bool()
+        probs_TN = router.probabilities(logits_TN)
+        native_TK = router.select_top(router.scores(logits_TN), router.top_k, group_limited=True)
+        unrouted_T = 1.0 - probs_TN.gather(-1, native_TK).sum(dim=-1)
+        load_N = torch.bincount(expert_ids_TK[real_T].reshape(-1), minlength=router.num_experts)
+        return GateDiagnostics(
+            layer_index=layer_index,
+            tokens=int(real_T.sum()),
+            unrouted_mass_sum=float(unrouted_T[real_T].double().sum()),
+            load_N=load_N.cpu(),
+        )

@@ -1,0 +1,39 @@
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ds_moekd.data.synthetic import generate_splits
+from ds_moekd.data.template import alpaca_prompt
+from ds_moekd.demo.tokenizer import train_tokenizer
+from ds_moekd.eval.generate import generate_responses
+
+
+@pytest.fixture(scope="module")
+def model_tokenizer_prompts():
+    records = generate_splits({"train": 30, "valid": 2, "test": 2}, seed=0)
+    tokenizer = train_tokenizer(records["train"])
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, initializer_range=0.5, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in records["test"]]
+    return LlamaForCausalLM(config), tokenizer, prompts
+
+
+def test_batched_greedy_matches_one_prompt_at_a_time(model_tokenizer_prompts):
+    model, tokenizer, prompts = model_tokenizer_prompts
+    batched = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=16)
+    single = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=1)
+    assert batched == single
+    assert len(set(batched)) > 1  # prompts of different lengths were really padded differently
+
+
+def test_sampling_repeats_with_a_seed_and_leaves_global_rng_alone(model_tokenizer_prompts):
+    model, tokenizer, prompts = model_tokenizer_prompts
+    state = torch.random.get_rng_state()
+    first = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, do_sample=True, seed=10)
+    assert torch.equal(state, torch.random.get_rng_state())
+    again = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, do_sample=True, seed=10)
+    other = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, do_sample=True, seed=20)
+    assert first == again and first != other
+    assert not any(tokenizer.eos_token in text for text in first)

@@ -1,4 +1,4 @@
-"""Expert FFN kernels (installed as `ds_moekd.kernels`; importable without DeepSpeed).
+"""Expert FFN kernels (installed as `ds_moekd.kernels`; importable without DeepSpeed or Triton).
 
 Weight layout for a group of E SwiGLU experts (hidden H, expert width I):
   w_gate_up_EHJ  [E, H, 2I]  columns [0, I) are the gate projection, [I, 2I) the up projection
@@ -6,8 +6,38 @@ Weight layout for a group of E SwiGLU experts (hidden H, expert width I):
 so an expert computes  (silu(x @ W[:, :I]) * (x @ W[:, I:])) @ w_down.
 Tokens arrive already grouped by expert: rows of expert e follow those of expert e-1, with
 `tokens_per_expert_E` giving the group sizes.
+
+Entry points (backend "auto" | torch | triton | torch_grouped_mm | megablocks, see dispatch.py):
+  grouped_experts   sparse path on rows grouped by expert (what the EP block calls)
+  dense_experts     dense all-expert path with per-token gate weights (ALL / SAR / KA)
+  moe_experts       routing (ids, weights) in, output out: permute → grouped → un-permute, or dense
+  lm_head_divergence  chunked fused lm_head + forward KL / reverse KL / generalised JSD
+  divergence        the same divergences on logits already formed
 """
 
+from .dispatch import (
+    BACKENDS,
+    choose_backend,
+    configure,
+    dense_experts,
+    divergence,
+    grouped_experts,
+    lm_head_divergence,
+    moe_experts,
+    unavailable_reason,
+)
 from .reference import dense_swiglu_reference, grouped_swiglu_reference
 
-__all__ = ["dense_swiglu_reference", "grouped_swiglu_reference"]
+__all__ = [
+    "BACKENDS",
+    "choose_backend",
+    "configure",
+    "dense_experts",
+    "dense_swiglu_reference",
+    "divergence",
+    "grouped_experts",
+    "grouped_swiglu_reference",
+    "lm_head_divergence",
+    "moe_experts",
+    "unavailable_reason",
+]

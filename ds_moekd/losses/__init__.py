@@ -1,4 +1,4 @@
-from ds_moekd.losses.divergences import forward_kl, reverse_kl, token_cross_entropy
+from ds_moekd.losses.divergences import forward_kl, generalized_jsd, reverse_kl, token_cross_entropy
 from ds_moekd.losses.scaling import backward_scale, global_token_count
 
-__all__ = ["forward_kl", "reverse_kl", "token_cross_entropy", "global_token_count", "backward_scale"]
+__all__ = ["backward_scale", "forward_kl", "generalized_jsd", "global_token_count", "reverse_kl", "token_cross_entropy"]

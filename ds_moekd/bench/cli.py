@@ -1,0 +1,19 @@
+"""`ds-moekd bench {moe-layer, teacher} ...`"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    commands = {"moe-layer": "ds_moekd.bench.moe_layer", "teacher": "ds_moekd.bench.teacher"}
+    if not argv or argv[0] not in commands:
+        raise SystemExit(f"usage: ds-moekd bench {{{', '.join(commands)}}} [--help]")
+    import importlib
+
+    importlib.import_module(commands[argv[0]]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""bf16 kernels on a CUDA GPU against fp32 torch references (skipped without a GPU).
+
+Tolerance: bf16 inputs and outputs with fp32 accumulation; errors are relative to the output's
+largest magnitude: 2e-2 for the expert FFN (two GEMMs, each output rounded to bf16) and for the
+fused loss's input gradient; 1e-2 for the loss value (fp32 row arithmetic on bf16 student logits).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ds_moekd.kernels import dense_swiglu_reference, grouped_experts, lm_head_divergence, moe_experts
+from ds_moekd.kernels.dispatch import choose_backend, unavailable_reason
+from ds_moekd.kernels.divergence import divergence_rows_torch
+
+pytestmark = pytest.mark.gpu
+FFN_TOL, LOSS_TOL = 2e-2, 1e-2
+
+
+def rel_err(actual, expected):
+    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
+
+
+def layer(num_experts=16, hidden=512, inter=688, tokens=1000, top_k=4, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w_gate_up = torch.randn(num_experts, hidden, 2 * inter, device="cuda", generator=g) / hidden**0.5
+    w_down = torch.randn(num_experts, inter, hidden, device="cuda", generator=g) / inter**0.5
+    x = torch.randn(tokens, hidden, device="cuda", generator=g)
+    top, ids = torch.randn(tokens, num_experts, device="cuda", generator=g).topk(top_k, dim=-1)
+    return x, ids, torch.softmax(top, -1), w_gate_up, w_down
+
+
+def test_auto_picks_triton_on_a_gpu():
+    assert choose_backend("probe", torch.device("cuda"), torch.bfloat16) == "triton"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch_grouped_mm", "megablocks"])
+@pytest.mark.parametrize("top_k,path", [(4, "sparse"), (16, "dense"), (15, "dense")])
+def test_bf16_expert_paths_match_fp32_reference_with_gradients(backend, top_k, path):
+    if unavailable_reason(backend, torch.device("cuda"), torch.bfloat16):
+        pytest.skip(unavailable_reason(backend, torch.device("cuda"), torch.bfloat16))
+    x, ids, weights, w_gate_up, w_down = layer(top_k=top_k)
+    gates = torch.zeros(x.shape[0], 16, device="cuda").scatter_add(1, ids, weights)
+    x_ref, g_ref = x.clone().requires_grad_(), gates.clone().requires_grad_()
+    y_ref = dense_swiglu_reference(x_ref, g_ref, w_gate_up, w_down)
+    y_ref.square().sum().backward()
+    x_new = x.bfloat16().requires_grad_()
+    w_new = weights.bfloat16().requires_grad_()
+    y_new = moe_experts(
+        x_new, ids, w_new, w_gate_up.bfloat16(), w_down.bfloat16(), backend=backend, path=path
+    )
+    y_new.float().square().sum().backward()
+    assert rel_err(y_new, y_ref) < FFN_TOL
+    assert rel_err(x_new.grad, x_ref.grad) < FFN_TOL
+    assert rel_err(w_new.grad, g_ref.grad.gather(1, ids)) < FFN_TOL
+    with torch.no_grad():  # the fused-epilogue inference path
+        assert (
+            rel_err(
+                moe_experts(
+                    x.bfloat16(),
+                    ids,
+                    weights.bfloat16(),
+                    w_gate_up.bfloat16(),
+                    w_down.bfloat16(),
+                    backend=backend,
+                    path=path,
+                ),
+                y_ref,
+            )
+            < FFN_TOL
+        )
+
+
+def test_bf16_grouped_gemm_with_skewed_groups_and_an_empty_expert():
+    x, _, _, w_gate_up, w_down = layer(tokens=3000)
+    sizes = torch.tensor([2000, 0, 1, 999] + [0] * 12, device="cuda")
+    from ds_moekd.kernels import grouped_swiglu_reference
+
+    expected = grouped_swiglu_reference(x, sizes, w_gate_up, w_down)
+    with torch.no_grad():
+        out = grouped_experts(x.bfloat16(), sizes, w_gate_up.bfloat16(), w_down.bfloat16(), backend="triton")
+    assert rel_err(out, expected) < FFN_TOL
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_bf16_fused_lm_head_divergence_matches_fp32(kind):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(300, 256, device="cuda", generator=g)
+    weight = torch.randn(32000, 256, device="cuda", generator=g) / 16
+    teacher = (torch.randn(300, 32000, device="cuda", generator=g) * 2).bfloat16()
+    logits_ref = hidden.bfloat16().float() @ weight.bfloat16().float().t()
+    loss_ref, grad_ref = divergence_rows_torch(logits_ref, teacher.float(), kind, 0.3)
+    h = hidden.bfloat16().requires_grad_()
+    loss = lm_head_divergence(h, weight.bfloat16(), teacher, kind=kind, beta=0.3, chunk=128, backend="triton")
+    loss.backward()
+    assert abs(loss.item() - loss_ref.sum().item()) / loss_ref.sum().item() < LOSS_TOL
+    assert rel_err(h.grad, grad_ref @ weight.bfloat16().float()) < FFN_TOL

@@ -34,8 +34,8 @@ def test_too_small_dataset_is_an_error():
 class _CharTokenizer:
     eos_token_id = 1
 
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [ord(c) % 50 + 2 for c in text]}
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[ord(c) % 50 + 2 for c in text] for text in texts]}
 
 
 def test_long_prompts_are_dropped_and_counted():

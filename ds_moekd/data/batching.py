@@ -34,14 +34,15 @@ def tokenize_records(
 ) -> TokenizedDataset:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token: responses must end with one")
+    # One batched call per side: fast tokenizers encode a list in parallel, a loop would not.
+    prompts = tokenizer([alpaca_prompt(r.instruction, r.input) for r in records], add_special_tokens=False)
+    responses = tokenizer([r.output for r in records], add_special_tokens=False)
     examples, dropped = [], 0
-    for rec in records:
-        prompt_ids = tokenizer(alpaca_prompt(rec.instruction, rec.input), add_special_tokens=False)["input_ids"]
+    for prompt_ids, response_ids in zip(prompts["input_ids"], responses["input_ids"], strict=True):
         if len(prompt_ids) > max_prompt_tokens:
             dropped += 1
             continue
-        response_ids = tokenizer(rec.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        examples.append(TokenizedExample(prompt_ids, response_ids[:max_response_tokens]))
+        examples.append(TokenizedExample(prompt_ids, (response_ids + [tokenizer.eos_token_id])[:max_response_tokens]))
     if not examples:
         raise ValueError(f"every one of {len(records)} prompts is longer than max_prompt_tokens={max_prompt_tokens}")
     return TokenizedDataset(examples, dropped)

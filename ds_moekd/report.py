@@ -7,18 +7,18 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ds_moekd.assets import resolve_path  # noqa: E402
-from ds_moekd.atomic import write_text  # noqa: E402
-from ds_moekd.config import RunConfig  # noqa: E402
-from ds_moekd.data.instructions import read_minillm_jsonl  # noqa: E402
-from ds_moekd.data.template import alpaca_prompt  # noqa: E402
-from ds_moekd.eval.generate import generate_responses  # noqa: E402
-from ds_moekd.eval.metrics import exact_match, rouge_l  # noqa: E402
-from ds_moekd.telemetry import read_metrics  # noqa: E402
+from ds_moekd.assets import resolve_path
+from ds_moekd.atomic import write_text
+from ds_moekd.config import RunConfig
+from ds_moekd.data.instructions import read_minillm_jsonl
+from ds_moekd.data.template import alpaca_prompt
+from ds_moekd.eval.generate import generate_responses
+from ds_moekd.eval.metrics import exact_match, rouge_l
+from ds_moekd.telemetry import read_metrics
 
 
 def score_model(model_dir: Path, records, max_new_tokens: int) -> dict:
@@ -45,12 +45,24 @@ def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
     }
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
+    """Per-step losses (faint) with a moving average (solid): single steps are noisy."""
     steps = [m["step"] for m in metrics]
+    window = max(1, len(metrics) // 25)
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("loss", "ce", "kl"):
+    for key, color in (("loss", "C0"), ("ce", "C1"), ("kl", "C2")):
         if key in metrics[0]:
-            ax.plot(steps, [m[key] for m in metrics], label=key)
+            values = [m[key] for m in metrics]
+            ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
+            ax.plot(steps, _moving_average(values, window), color=color, label=f"{key} ({window}-step mean)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per response token)")
     ax.set_title(title)

@@ -12,6 +12,10 @@ from multirank import RankPool
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# Triton reads this when a kernel is decorated, i.e. when its module is first imported, which
+# any test may trigger first: set it for the whole session (CPU runs kernels in the interpreter).
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,13 +4,9 @@ shapes (bf16 `tl.dot` is unreliable in the interpreter; bf16 is checked on a GPU
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():  # read when a kernel module is first imported (lazily, below)
-    os.environ["TRITON_INTERPRET"] = "1"
 
 from ds_moekd.kernels import (
     dense_experts,

@@ -1,4 +1,4 @@
-"""`ds-moekd` command line: train, demo build."""
+"""`ds-moekd` command line: train, demo build, eval, report."""
 
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     demo = sub.add_parser("demo", help="the embedded demo workload")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     demo_sub.add_parser("build", help="build the demo dataset, tokenizer, teacher and student", add_help=False)
+    sub.add_parser("eval", help="score a model on instruction data (ROUGE-L, exact match)", add_help=False)
+    sub.add_parser("report", help="compare runs and evaluation results: report.md + plots", add_help=False)
+    sub.add_parser("bench", help="benchmarks: moe-layer, teacher (no DeepSpeed needed)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from ds_moekd.train import main as train_main
@@ -23,6 +26,18 @@ def main(argv: list[str] | None = None) -> None:
         from ds_moekd.demo.build import main as build_main
 
         build_main(rest)
+    elif args.command == "eval":
+        from ds_moekd.eval.cli import main as eval_main
+
+        eval_main(rest)
+    elif args.command == "report":
+        from ds_moekd.compare import main as report_main
+
+        report_main(rest)
+    elif args.command == "bench":
+        from ds_moekd.bench.cli import main as bench_main
+
+        bench_main(rest)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ import yaml
 
 METHODS = ("sft", "kd")
 DTYPES = ("float32", "bfloat16", "float16")
+# ds_moekd.kernels' backends (spelled out here so loading a config does not import the kernels)
+EXPERT_BACKENDS = ("auto", "torch", "triton", "torch_grouped_mm", "megablocks")
+LOSS_BACKENDS = ("auto", "torch", "triton")
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,7 @@ class TeacherConfig:
     path: str | None = None  # HF-format MoE checkpoint; `demo:teacher` is the embedded default
     ep_size: int = 0  # expert-parallel size; 0 = the whole world
     dtype: str = "float32"
+    expert_backend: str = "auto"  # expert FFN kernels (ds_moekd.kernels): auto, torch, triton, torch_grouped_mm, megablocks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +65,7 @@ class KDConfig:
     kl_weight: float = 0.5
     temperature: float = 1.0
     token_chunk: int = 0  # 0 = all tokens at once; >0 bounds the fp32 working set to chunk x vocab
+    loss_backend: str = "auto"  # divergence kernels (ds_moekd.kernels): auto, torch, triton
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +74,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
+    resume: bool = False  # continue from <run_dir>/checkpoints/latest when there is one
     seed: int = 1234
 
 
@@ -76,6 +82,24 @@ class TrainConfig:
 class ReportConfig:
     eval_examples: int = 256  # held-out examples scored before/after training (0 = skip)
     max_new_tokens: int = 32
+
+
+VALIDATION_METRICS = ("rouge_l", "exact_match", "exact_match_strict")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationConfig:
+    every: int = 0  # score the student every N optimizer steps (0 = never); see ds_moekd/eval/validation.py
+    file: str | None = None  # default: data.valid_file
+    format: str = "auto"  # auto, minillm, dolly, self-instruct, sni
+    examples: int = 0  # the first N records (0 = all)
+    max_new_tokens: int = 64
+    greedy: bool = True  # False: sample (temperature 1) with `seed`
+    seed: int = 10
+    batch_size: int = 16
+    metric: str = "rouge_l"  # decides the best checkpoint (the paper reports best-ROUGE-L checkpoints)
+    keep_best: bool = True  # write the best student to <run>/best_student_hf (atomically)
+    generation: str = "gather"  # gather: full student copy per rank (fast); synced: ZeRO-3 synced_gpus
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +114,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -102,6 +127,8 @@ def _validate(cfg: RunConfig) -> None:
         ("teacher.path", cfg.method == "sft" or cfg.teacher.path, f"required for method {cfg.method!r}"),
         ("teacher.ep_size", cfg.teacher.ep_size >= 0, "0 (whole world) or a positive divisor of the world size"),
         ("teacher.dtype", cfg.teacher.dtype in DTYPES, f"one of {DTYPES}"),
+        ("teacher.expert_backend", cfg.teacher.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
+        ("kd.loss_backend", cfg.kd.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
         ("data.micro_batch_size", cfg.data.micro_batch_size >= 1, "at least 1"),
         ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "at least 1"),
         ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
@@ -117,6 +144,16 @@ def _validate(cfg: RunConfig) -> None:
         ("train.log_every", cfg.train.log_every >= 1, "at least 1"),
         ("train.save_every", cfg.train.save_every >= 0, "0 or more"),
         ("report.eval_examples", cfg.report.eval_examples >= 0, "0 or more"),
+        ("validation.every", cfg.validation.every >= 0, "0 (off) or more"),
+        ("validation.file", not cfg.validation.every or cfg.validation.file or cfg.data.valid_file,
+         "a validation file (or set data.valid_file)"),
+        ("validation.format", cfg.validation.format in ("auto", "minillm", "dolly", "self-instruct", "sni"),
+         "one of auto, minillm, dolly, self-instruct, sni"),
+        ("validation.examples", cfg.validation.examples >= 0, "0 (all) or more"),
+        ("validation.max_new_tokens", cfg.validation.max_new_tokens >= 1, "at least 1"),
+        ("validation.batch_size", cfg.validation.batch_size >= 1, "at least 1"),
+        ("validation.metric", cfg.validation.metric in VALIDATION_METRICS, f"one of {VALIDATION_METRICS}"),
+        ("validation.generation", cfg.validation.generation in ("gather", "synced"), "gather or synced"),
     ]
     for path, ok, expected in checks:
         if not ok:
@@ -257,3 +294,25 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def check_paths_exist(cfg: RunConfig) -> None:
+    """Fail early, naming the field, when an input the run reads is missing."""
+    from ds_moekd.assets import resolve_path
+
+    fields = {
+        "data.train_file": cfg.data.train_file,
+        "data.valid_file": cfg.data.valid_file,
+        "student.path": cfg.student.path,
+        "student.deepspeed_config": cfg.student.deepspeed_config,
+        "teacher.path": cfg.teacher.path if cfg.method != "sft" else None,
+    }
+    for field_path, value in fields.items():
+        if value is None:
+            continue
+        try:
+            exists = resolve_path(value).exists()
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config field {field_path}={value!r}: {exc}") from None
+        if not exists:
+            raise ConfigError(f"config field {field_path}={value!r}: no such file or directory")

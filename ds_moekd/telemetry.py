@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-
 log = logging.getLogger("ds_moekd")
 
 
@@ -58,11 +57,19 @@ class Stopwatch:
 
 
 class MetricsWriter:
-    """Appends one JSON object per step (rank 0 only; other ranks pass enabled=False)."""
+    """Appends one JSON object per step (rank 0 only; other ranks pass enabled=False).
 
-    def __init__(self, path: Path, enabled: bool):
-        self.enabled = enabled
-        self._file = path.open("a", buffering=1) if enabled else None
+    A fresh run starts an empty file; a resumed one keeps the lines up to its checkpoint's step
+    and drops any logged after it (those steps are trained again).
+    """
+
+    def __init__(self, path: Path, enabled: bool, keep_steps_upto: int = 0):
+        self._file = None
+        if enabled:
+            kept = [m for m in read_metrics(path) if m["step"] <= keep_steps_upto] if path.exists() else []
+            self._file = path.open("w", buffering=1)
+            for record in kept:
+                self.write(record)
 
     def write(self, record: dict) -> None:
         if self._file is not None:

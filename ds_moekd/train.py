@@ -15,11 +15,13 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from ds_moekd import kernels
 from ds_moekd.assets import resolve_path
-from ds_moekd.config import RunConfig, load_config, save_config
+from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
 from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
 from ds_moekd.data.instructions import read_minillm_jsonl
 from ds_moekd.dist import ParallelGroups, init_distributed
+from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import build_method
 from ds_moekd.run_record import finish_run
@@ -58,6 +60,44 @@ def train_step(engine, teacher, method, micro_batches: list[Batch], groups: Para
     return loss_sum, parts_sum
 
 
+def step_record(step, engine, groups, micro_batches, loss_sum, parts_sum, watch, step_time) -> dict:
+    """One metrics.jsonl line; losses are global means (the per-rank shares summed)."""
+    local_tokens = sum(b.num_tokens for b in micro_batches)
+    totals = torch.tensor([loss_sum, float(local_tokens), *parts_sum.values()], dtype=torch.float64)
+    if groups.dp_group is not None:
+        torch.distributed.all_reduce(totals, group=groups.dp_group)
+    return {
+        "step": step,
+        "loss": totals[0].item(),
+        **{k: totals[2 + i].item() for i, k in enumerate(parts_sum)},
+        "lr": engine.get_lr()[0],
+        "tokens": int(totals[1].item()),
+        "tokens_per_s": totals[1].item() / step_time,
+        "step_s": step_time,
+        "teacher_s": watch.totals.get("teacher_s", 0.0),
+        "student_s": watch.totals.get("student_s", 0.0),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+
+
+def save_checkpoint(engine, ckpt_dir, step: int) -> None:
+    # DeepSpeed writes the tag folder first and `latest` last: a crash mid-save leaves `latest`
+    # on the previous complete checkpoint.
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+
+
+def resume_from_checkpoint(engine, ckpt_dir) -> int:
+    """Load `ckpt_dir/latest` into the engine (weights, optimizer, scheduler); return its step."""
+    if not (ckpt_dir / "latest").is_file():
+        log.info("train.resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
+        return 0
+    path, client_state = engine.load_checkpoint(str(ckpt_dir))
+    if path is None:
+        raise RuntimeError(f"train.resume: DeepSpeed could not load the checkpoint in {ckpt_dir}")
+    log.info("resumed from %s at step %d", path, client_state["step"])
+    return int(client_state["step"])
+
+
 def load_teacher(cfg: RunConfig, groups: ParallelGroups):
     from ds_moekd.teacher import MoETeacher
 
@@ -67,18 +107,19 @@ def load_teacher(cfg: RunConfig, groups: ParallelGroups):
 
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
+    check_paths_exist(cfg)
     with phase("distributed start"):
         info = init_distributed()
         setup_logging(info.rank)
         groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
     log.info("world size %d (%s), teacher expert-parallel size %d", groups.world_size, info.source, groups.ep_size)
     torch.manual_seed(cfg.train.seed)
+    kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     student_path = resolve_path(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
@@ -105,38 +146,33 @@ def train(cfg: RunConfig) -> dict:
         teacher = load_teacher(cfg, groups) if method.needs_teacher else None
     with phase("student engine"):
         engine = build_student_engine(student_path, cfg, groups.world_size)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main)
-    progress = tqdm(range(cfg.train.steps), disable=not is_main, desc=f"{cfg.method}", dynamic_ncols=True)
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = resume_from_checkpoint(engine, ckpt_dir) if cfg.train.resume else 0
+    gas = cfg.train.gradient_accumulation_steps
+    for _ in range(start_step * gas):  # the data stream continues exactly where the checkpoint left it
+        next(batches)
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main, keep_steps_upto=start_step)
+    validator = Validator.create(cfg, tokenizer, groups)  # None unless validation.every > 0
+    steps = range(start_step, cfg.train.steps)
+    progress = tqdm(steps, initial=start_step, total=cfg.train.steps, disable=not is_main, desc=cfg.method,
+                    dynamic_ncols=True)
     for step in progress:
         step_start, watch = time.perf_counter(), Stopwatch()
-        micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
+        micro_batches = [next(batches) for _ in range(gas)]
         loss_sum, parts_sum = train_step(engine, teacher, method, micro_batches, groups, vocab, watch)
-        local_tokens = sum(b.num_tokens for b in micro_batches)
-        step_time = time.perf_counter() - step_start
-        # The logged loss is the global mean: sum the per-rank shares.
-        totals = torch.tensor([loss_sum, float(local_tokens), *parts_sum.values()], dtype=torch.float64)
-        if groups.dp_group is not None:
-            torch.distributed.all_reduce(totals, group=groups.dp_group)
-        record = {
-            "step": step + 1,
-            "loss": totals[0].item(),
-            **{k: totals[2 + i].item() for i, k in enumerate(parts_sum)},
-            "lr": engine.get_lr()[0],
-            "tokens": int(totals[1].item()),
-            "tokens_per_s": totals[1].item() / step_time,
-            "step_s": step_time,
-            "teacher_s": watch.totals.get("teacher_s", 0.0),
-            "student_s": watch.totals.get("student_s", 0.0),
-            "peak_memory_mb": peak_memory_mb(),
-        }
+        record = step_record(step + 1, engine, groups, micro_batches, loss_sum, parts_sum, watch,
+                             time.perf_counter() - step_start)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             metrics.write(record)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{step + 1}")
+            save_checkpoint(engine, ckpt_dir, step + 1)
+        if validator is not None and validator.due(step + 1):
+            validator.run(engine, step + 1)
     metrics.close()
     with phase("DeepSpeed checkpoint"):
-        engine.save_checkpoint(str(run_dir / "checkpoints"), tag=f"step{cfg.train.steps}")
+        if not (cfg.train.save_every and cfg.train.steps % cfg.train.save_every == 0):
+            save_checkpoint(engine, ckpt_dir, cfg.train.steps)
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 
 

@@ -87,3 +87,13 @@ def test_error_line_points_into_the_right_section(tmp_path):
     bad = MINIMAL.replace("teacher:\n  path: teacher_dir\n", "teacher:\n  path: teacher_dir\n  dtype: fp8\n")
     with pytest.raises(ConfigError, match=r"run.yaml:7: config field teacher.dtype='fp8'"):
         load_config(write(tmp_path, bad))
+
+
+def test_missing_inputs_are_named_by_field(tmp_path):
+    from ds_moekd.config import check_paths_exist
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    cfg = load_config(write(tmp_path, MINIMAL), [f"data.train_file={tmp_path}/train.jsonl",
+                                                  f"student.path={tmp_path}/nowhere"])
+    with pytest.raises(ConfigError, match=r"student.path='.*nowhere': no such file"):
+        check_paths_exist(cfg)

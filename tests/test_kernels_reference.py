@@ -35,7 +35,6 @@ def test_group_sizes_must_cover_the_rows():
 
 def test_dense_reference_equals_per_token_weighted_sum_and_has_gate_gradients():
     import torch.nn.functional as F
-
     from ds_moekd.kernels import dense_swiglu_reference
 
     g = torch.Generator().manual_seed(0)

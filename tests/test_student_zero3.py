@@ -12,7 +12,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ds_moekd.config import DataConfig, KDConfig, OptimConfig, RunConfig, StudentConfig, TeacherConfig, TrainConfig
+from ds_moekd.config import (
+    DataConfig,
+    KDConfig,
+    OptimConfig,
+    RunConfig,
+    StudentConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 from ds_moekd.data.batching import TokenizedExample, collate
 from ds_moekd.dist import ParallelGroups, init_distributed
 from ds_moekd.methods import build_method

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,16 +23,20 @@ def _train_on_rank(config_path, overrides):
     return record is not None
 
 
-@pytest.fixture(scope="module")
-def kd_run(rank_pool2, tiny_demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    overrides = [
-        "name=e2e", f"output_dir={out}", f"train.steps={STEPS}", "data.micro_batch_size=3",
+def _overrides(tiny_demo, out):
+    return [
+        "name=e2e", f"output_dir={out}", f"train.steps={STEPS}", "train.save_every=3", "data.micro_batch_size=3",
         f"data.train_file={tiny_demo}/data/train.jsonl", f"data.valid_file={tiny_demo}/data/valid.jsonl",
         f"teacher.path={tiny_demo}/teacher", f"student.path={tiny_demo}/student", "report.eval_examples=4",
         "report.max_new_tokens=4", f"student.deepspeed_config={REPO}/ds_configs/zero3_cpu.json",
     ]
-    written = rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml", overrides, timeout_s=600)
+
+
+@pytest.fixture(scope="module")
+def kd_run(rank_pool2, tiny_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    written = rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml", _overrides(tiny_demo, out),
+                             timeout_s=600)
     assert written == [True, False]  # rank 0 writes the record, rank 1 returns None
     return out / "e2e"
 
@@ -78,3 +83,26 @@ def test_run_folder_has_config_report_and_checkpoint(kd_run):
     report = (kd_run / "report.md").read_text()
     assert "ZeRO stage 3" in report and "expert-parallel size 2" in report
     assert (kd_run / "checkpoints" / "latest").read_text().strip() == f"step{STEPS}"
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(kd_run, rank_pool2, tiny_demo, tmp_path):
+    # A crash after step 3: the run folder holds the step-3 checkpoint and 3 metric lines.
+    crashed = tmp_path / "e2e"
+    shutil.copytree(kd_run, crashed)
+    shutil.rmtree(crashed / "checkpoints" / f"step{STEPS}")
+    (crashed / "checkpoints" / "latest").write_text("step3")
+    # Mark the lines written before the crash (one past the checkpoint) to see which survive.
+    logged = [{**m, "before_crash": True} for m in read_metrics(crashed / "metrics.jsonl")[:4]]
+    (crashed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in logged))
+    rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml",
+                   _overrides(tiny_demo, tmp_path) + ["train.resume=true"], timeout_s=600)
+
+    resumed = read_metrics(crashed / "metrics.jsonl")
+    original = read_metrics(kd_run / "metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, STEPS + 1))
+    assert [m.get("before_crash", False) for m in resumed] == [True] * 3 + [False] * (STEPS - 3)
+    for a, b in zip(resumed, original):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    final = AutoModelForCausalLM.from_pretrained(crashed / "student_hf").state_dict()
+    for name, tensor in AutoModelForCausalLM.from_pretrained(kd_run / "student_hf").state_dict().items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-6, atol=1e-7, msg=name)

@@ -17,7 +17,7 @@ _NO_INPUT = (
 )
 
 
-def alpaca_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the dataset's field name
+def alpaca_prompt(instruction: str, input: str = "") -> str:
     if input.strip():
         return _WITH_INPUT.format(instruction=instruction, input=input)
     return _NO_INPUT.format(instruction=instruction)

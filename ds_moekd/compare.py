@@ -1,0 +1,267 @@
+"""`ds-moekd report PATH... --out DIR`: compare runs and evaluation results in `report.md` + PNG plots.
+
+Each PATH is a run folder (`run.json`, `metrics.jsonl`, optional `validation.jsonl` and
+`eval/*.json` written by `ds-moekd eval`) or an evaluation result (`ds-moekd eval --out`), or a
+folder of them: teachers under each routing and the undistilled student come in as results.
+Plots: scores per eval set (bars with std over seeds), loss and validation curves, throughput per
+run, and the teacher's per-layer non-activated gate mass where an input carries
+`routing_diagnostics.non_activated_gate_mass` (one value per MoE layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+
+from ds_moekd.atomic import write_text
+from ds_moekd.telemetry import read_metrics
+
+SCORE_METRICS = {"rouge_l": "ROUGE-L F1 (x100)", "exact_match": "exact match (%)",
+                 "exact_match_strict": "strict exact match (%)"}
+
+
+@dataclass
+class Run:
+    name: str
+    method: str
+    path: Path
+    record: dict
+    metrics: list[dict]
+    validation: list[dict]
+
+
+def _run_label(run: Run) -> str:
+    return run.name if run.name == run.method else f"{run.name} ({run.method})"
+
+
+@dataclass
+class Inputs:
+    runs: list[Run] = field(default_factory=list)
+    results: list[tuple[str, dict]] = field(default_factory=list)  # (system label, eval result)
+    gate_mass: dict[str, list[float]] = field(default_factory=dict)  # system label -> per-layer mass
+
+
+def _is_result(data: dict) -> bool:
+    return "counts" in data and "rouge_l" in data and "settings" in data
+
+
+def _add_gate_mass(inputs: Inputs, label: str, data: dict) -> None:
+    mass = data.get("routing_diagnostics", {}).get("non_activated_gate_mass")
+    if mass:
+        inputs.gate_mass[label] = mass
+
+
+def collect(paths: list[str]) -> Inputs:
+    inputs = Inputs()
+    for p in map(Path, paths):
+        if (p / "run.json").is_file():
+            record = json.loads((p / "run.json").read_text())
+            name = record.get("name", p.name)
+            validation = p / "validation.jsonl"
+            inputs.runs.append(Run(name, record.get("method", "?"), p, record, read_metrics(p / "metrics.jsonl"),
+                                   read_metrics(validation) if validation.is_file() else []))
+            _add_gate_mass(inputs, name, record)
+            for f in sorted((p / "eval").glob("*.json")):
+                inputs.results.append((name, json.loads(f.read_text())))
+        elif p.is_dir() or p.suffix == ".json":
+            files = sorted(p.glob("*.json")) if p.is_dir() else [p]
+            if not files:
+                raise FileNotFoundError(f"{p}: no run.json and no evaluation result JSON files")
+            for f in files:
+                data = json.loads(f.read_text())
+                if not _is_result(data):
+                    raise ValueError(f"{f}: not an evaluation result of `ds-moekd eval`")
+                inputs.results.append((data["model"]["label"], data))
+                _add_gate_mass(inputs, data["model"]["label"], data)
+        else:
+            raise FileNotFoundError(f"{p}: neither a run folder (run.json) nor an evaluation result JSON")
+    return inputs
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _eval_set(result: dict) -> str:
+    return result["data"]["name"]
+
+
+def plot_scores(results: list[tuple[str, dict]], metric: str, path: Path) -> None:
+    """One panel per eval set (own y scale), a bar per system that has a result there; colours fixed per system."""
+    sets = sorted({_eval_set(r) for _, r in results})
+    systems = list(dict.fromkeys(label for label, _ in results))
+    colors = {system: plt.cm.tab10(i % 10) for i, system in enumerate(systems)}
+    table = {(label, _eval_set(r)): r[metric] for label, r in results}
+    ncols = min(3, len(sets))
+    nrows = -(-len(sets) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0, 4.6 * ncols), 3.6 * nrows + 0.4 * len(systems) / ncols + 0.8),
+                             squeeze=False)
+    for ax, eval_set in zip(axes.flat, sets):
+        present = [s for s in systems if (s, eval_set) in table]
+        cells = [table[(s, eval_set)] for s in present]
+        bars = ax.bar(range(len(present)), [c["mean"] for c in cells], yerr=[c["std"] for c in cells], capsize=3,
+                      color=[colors[s] for s in present])
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+        ax.set_xticks([])
+        ax.set_title(eval_set)
+        ax.set_ylabel(SCORE_METRICS[metric])
+        ax.set_ylim(0, max([c["mean"] + c["std"] for c in cells] + [1e-3]) * 1.2)
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[len(sets):]:
+        ax.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in systems]
+    fig.legend(handles, systems, loc="lower center", ncol=min(3, len(systems)), fontsize=8)
+    fig.suptitle(f"{SCORE_METRICS[metric]} per evaluation set\n(bars: mean, whiskers: std over seeds)")
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(systems) // 3), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_loss(runs: list[Run], path: Path) -> None:
+    """The training objective (differs by method), and cross-entropy on dataset responses where logged."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, title in (("loss", axes[0], "Training objective (method's own loss)"),
+                           ("ce", axes[1], "Cross-entropy on dataset responses")):
+        for run in runs:
+            points = [(m["step"], m[key]) for m in run.metrics if key in m]
+            if points:
+                ax.plot(*zip(*points), label=_run_label(run))
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("nats per response token")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_validation(runs: list[Run], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric in zip(axes, ("rouge_l", "exact_match_strict")):
+        for run in runs:
+            if run.validation:
+                ax.plot([v["step"] for v in run.validation], [v[metric] for v in run.validation], marker="o",
+                        label=_run_label(run))
+        ax.set_title(f"Validation {SCORE_METRICS[metric]}")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(SCORE_METRICS[metric])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def steady_tokens_per_s(run: Run) -> float:
+    """Tokens/s over all ranks after the first tenth of the steps (warm-up)."""
+    steady = run.metrics[len(run.metrics) // 10:] or run.metrics
+    return sum(m["tokens"] for m in steady) / sum(m["step_s"] for m in steady)
+
+
+def plot_throughput(runs: list[Run], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(runs)), 4))
+    labels = [_run_label(r).replace(" (", "\n(") for r in runs]
+    ax.bar(labels, [steady_tokens_per_s(r) for r in runs], color="tab:green")
+    _finish(fig, ax, path, "Training throughput per run (after warm-up)", "run (method)",
+            "tokens per second (all ranks)", legend=False)
+
+
+def plot_gate_mass(gate_mass: dict[str, list[float]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, mass in gate_mass.items():
+        ax.plot(range(len(mass)), [100 * m for m in mass], marker="o", label=label)
+    ax.set_xticks(range(max(len(m) for m in gate_mass.values())))
+    ax.set_ylim(bottom=0)
+    _finish(fig, ax, path, "Teacher router mass on experts outside the native top-k", "MoE layer index",
+            "non-activated gate mass (% of router probability)")
+
+
+def _cell(result: dict | None, metric: str) -> str:
+    if result is None:
+        return "-"
+    if len(result["per_seed"]) == 1:  # greedy or one seed: no spread to show
+        return f"{result[metric]['mean']:.2f} (1 run)"
+    return f"{result[metric]['mean']:.2f} ± {result[metric]['std']:.2f}"
+
+
+def write_report(inputs: Inputs, out: Path) -> list[str]:
+    """Write report.md and the plots into `out`; returns the PNG file names."""
+    out.mkdir(parents=True, exist_ok=True)
+    lines, pngs = ["# ds-moekd comparison report", ""], []
+    if inputs.results:
+        sets = sorted({_eval_set(r) for _, r in inputs.results})
+        systems = list(dict.fromkeys(label for label, _ in inputs.results))
+        by_key = {(label, _eval_set(r)): r for label, r in inputs.results}
+        for metric in ("rouge_l", "exact_match_strict"):
+            plot_scores(inputs.results, metric, out / f"scores_{metric}.png")
+            pngs.append(f"scores_{metric}.png")
+            lines += [f"## {SCORE_METRICS[metric]} (mean ± std over seeds)", "",
+                      "| system | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
+            lines += [f"| {s} | " + " | ".join(_cell(by_key.get((s, e)), metric) for e in sets) + " |" for s in systems]
+            lines += ["", f"![{metric}](scores_{metric}.png)", ""]
+        lines += ["## Evaluation settings and counts", "",
+                  "| system | eval set | evaluated / records | dropped (long prompt) | no reference | decoding | seeds |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, r in inputs.results:
+            c, st = r["counts"], r["settings"]
+            lines.append(f"| {label} | {_eval_set(r)} | {c['evaluated']} / {c['records']} "
+                         f"({100 * c['evaluated_fraction']:.1f}%) | {c['dropped_long_prompt']} | "
+                         f"{c['dropped_no_reference']} | {st['decoding']}, max {st['max_new_tokens']} new tokens | "
+                         f"{'-' if st['greedy'] else ','.join(map(str, st['seeds']))} |")
+        lines.append("")
+    if inputs.runs:
+        plot_loss(inputs.runs, out / "loss.png")
+        plot_throughput(inputs.runs, out / "throughput.png")
+        pngs += ["loss.png", "throughput.png"]
+        lines += ["## Runs", "", ("| run | method | steps | world size | tokens/s (all ranks) | final loss | "
+                                  "best validation |"), "|---|---|---|---|---|---|---|"]
+        for run in inputs.runs:
+            best = max(run.validation, key=lambda v: v[v["metric"]], default=None)
+            best_text = f"{best['metric']} {best[best['metric']]:.2f} at step {best['step']}" if best else "-"
+            lines.append(f"| {run.name} | {run.method} | {run.record.get('steps', '?')} | "
+                         f"{run.record.get('world_size', '?')} | {steady_tokens_per_s(run):.0f} | "
+                         f"{run.metrics[-1]['loss']:.4f} | {best_text} |")
+        lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", ""]
+        if any(run.validation for run in inputs.runs):
+            plot_validation(inputs.runs, out / "validation.png")
+            pngs.append("validation.png")
+            lines += ["![validation](validation.png)", ""]
+    lines += ["## Teacher routing: non-activated gate mass", ""]
+    if inputs.gate_mass:
+        plot_gate_mass(inputs.gate_mass, out / "gate_mass.png")
+        pngs.append("gate_mass.png")
+        lines += [("Router probability on experts that native top-k routing leaves out, per MoE layer: the "
+                   "knowledge ALL/KA/SAR reach."), "", "![gate mass](gate_mass.png)", ""]
+    else:
+        lines += ["No input carries `routing_diagnostics.non_activated_gate_mass` (teacher evaluations write it).", ""]
+    write_text(out / "report.md", "\n".join(lines))
+    return pngs
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="ds-moekd report", description="Compare runs and evaluation results.")
+    parser.add_argument("paths", nargs="+", help="run folders, `ds-moekd eval` result JSONs, or folders of them")
+    parser.add_argument("--out", required=True, help="output folder for report.md and the plots")
+    args = parser.parse_args(argv)
+    pngs = write_report(collect(args.paths), Path(args.out))
+    print(f"wrote {Path(args.out) / 'report.md'} and {', '.join(pngs)}")
+
+
+if __name__ == "__main__":
+    main()

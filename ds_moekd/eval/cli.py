@@ -1,0 +1,167 @@
+"""`ds-moekd eval`: score a student or a teacher checkpoint on instruction data.
+
+    ds-moekd eval --model DIR --data FILE_OR_DATASET --out results.json [options]
+    torchrun --nproc_per_node 2 -m ds_moekd.eval.cli --model DIR --data FILE --out results.json
+    deepspeed --num_gpus 2 --module ds_moekd.eval.cli --model DIR --data FILE --ep-size 2 --out results.json
+
+Prompts are sharded over ranks. A dense model, or a MoE teacher with native routing, runs as
+transformers' own model, replicated on every rank (fast: KV cache). A teacher with `--routing
+all|ka`, `--ep-size > 1` or `--backend moe` runs as the expert-parallel `MoETeacher`, decoding in
+lockstep with its EP group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ds_moekd.assets import resolve_path
+from ds_moekd.atomic import write_text
+from ds_moekd.data.formats import FORMATS, load_eval_data
+from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed
+from ds_moekd.eval.diagnostics import non_activated_gate_mass
+from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
+
+ROUTINGS = {"native": "NativeTopK", "all": "AllExperts", "ka": "KASample"}  # --routing -> ds_moekd.routing class
+
+
+def routing_policy(name: str):
+    """The routing policy object for `--routing NAME`, from ds_moekd.routing."""
+    from ds_moekd import routing
+
+    policy_class = getattr(routing, ROUTINGS[name], None)
+    if policy_class is None:
+        raise NotImplementedError(
+            f"--routing {name} needs the routing policies of the Teacher issue: ds_moekd.routing has no "
+            f"{ROUTINGS[name]} yet (only native top-k routing exists)"
+        )
+    return policy_class()
+
+
+def is_moe_checkpoint(path: Path) -> bool:
+    from ds_moekd.teacher.families import FAMILIES
+
+    return getattr(AutoConfig.from_pretrained(path), "model_type", None) in FAMILIES
+
+
+def choose_backend(requested: str, *, moe: bool, routing: str, ep_size: int) -> str:
+    if not moe:
+        if routing != "native" or ep_size != 1 or requested == "moe":
+            raise ValueError("--routing/--ep-size/--backend moe apply to a MoE teacher checkpoint; "
+                             "this model's config.json is not one of the supported MoE families")
+        return "hf"
+    if requested == "hf" and (routing != "native" or ep_size != 1):
+        raise ValueError(f"--backend hf runs transformers' own model: native routing on one rank's full copy "
+                         f"only (got --routing {routing}, --ep-size {ep_size}); use --backend moe")
+    if requested != "auto":
+        return requested
+    return "hf" if routing == "native" and ep_size == 1 else "moe"
+
+
+def gate_diagnostics(model, tokenizer, data, settings, info, world_group, lockstep_group, routing) -> dict:
+    """Non-activated router mass per MoE layer on this eval set's kept prompts (sharded like decoding)."""
+    encoded = [prompt_ids(r, tokenizer, settings.template) for r in data.records]
+    kept = [ids for ids in encoded if len(ids) <= settings.max_prompt_tokens]
+    return non_activated_gate_mass(model, kept[info.rank::info.world_size], tokenizer.pad_token_id,
+                                   batch_size=settings.batch_size, routing=routing, world_group=world_group,
+                                   lockstep_group=lockstep_group)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="ds-moekd eval", description="Evaluate a model (ROUGE-L, exact match).")
+    p.add_argument("--model", required=True, help="HF model dir (student, or MoE teacher); demo:student works")
+    p.add_argument("--data", required=True, help="JSONL/JSON file, S-NI task folder, saved dataset dir or dataset name")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
+    p.add_argument("--references", help="answers file for Vicuna questions (`text` or `choices[0].turns`)")
+    p.add_argument("--split", help="dataset split (🤗 datasets with several splits)")
+    p.add_argument("--config", help="evaluation settings YAML, e.g. ds_configs/eval/minillm.yaml")
+    p.add_argument("--template", choices=TEMPLATES)
+    p.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), help="e.g. 10,20,30,40,50")
+    p.add_argument("--greedy", action="store_true", default=None, help="greedy decoding (one run)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--max-prompt-tokens", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--routing", default="native", choices=tuple(ROUTINGS))
+    p.add_argument("--backend", default="auto", choices=("auto", "hf", "moe"))
+    p.add_argument("--ep-size", type=int, default=1, help="teacher expert-parallel size (0: the whole world)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--name", help="name of the eval set in reports (default: from the data path)")
+    p.add_argument("--label", help="name of this system in reports (default: model dir, plus routing for a teacher)")
+    p.add_argument("--out", required=True, help="results JSON")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    settings = load_settings(args.config, template=args.template, seeds=args.seeds, greedy=args.greedy,
+                             temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                             max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
+    model_dir = resolve_path(args.model)
+    data_source = str(resolve_path(args.data))
+    moe = is_moe_checkpoint(model_dir)
+    info = discover_ranks()
+    if info.world_size > 1:
+        init_distributed()
+    ep_size = info.world_size if args.ep_size == 0 else args.ep_size
+    backend = choose_backend(args.backend, moe=moe, routing=args.routing, ep_size=ep_size)
+    routing = routing_policy(args.routing) if moe else None
+    data = load_eval_data(data_source, format=args.format, references=args.references, split=args.split)
+    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lockstep_group = None
+    if backend == "moe":
+        from ds_moekd.teacher import MoETeacher
+
+        groups = ParallelGroups.create(ep_size=ep_size)
+        model = MoETeacher.from_pretrained(str(model_dir), groups=groups, dtype=dtype).to(device)
+        lockstep_group = groups.ep_group
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    world_group = dist.group.WORLD if info.world_size > 1 else None
+    results = evaluate(model, tokenizer, data, settings, rank=info.rank, world_size=info.world_size,
+                       world_group=world_group, lockstep_group=lockstep_group,
+                       routing=routing if backend == "moe" else None)
+    if moe:
+        results["routing_diagnostics"] = gate_diagnostics(model, tokenizer, data, settings, info, world_group,
+                                                          lockstep_group, routing if backend == "moe" else None)
+    results["model"] = {
+        "path": args.model, "label": args.label or (f"{model_dir.name} ({args.routing})" if moe else model_dir.name),
+        "kind": "teacher" if moe else "student", "routing": args.routing if moe else None,
+        "backend": "transformers" if backend == "hf" else "MoETeacher", "ep_size": ep_size if backend == "moe" else None,
+        "dtype": args.dtype,
+    }
+    results["data"] = {"source": args.data, "format": data.format, "references": args.references,
+                       "name": args.name or _default_name(Path(data_source))}
+    if info.rank == 0:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(out, json.dumps(results, indent=2) + "\n")
+        print(_summary_line(results))
+    return results
+
+
+def _default_name(path: Path) -> str:
+    """`dolly/valid.jsonl` -> dolly, `data/test.jsonl` -> test, `questions.jsonl` -> questions."""
+    generic = path.stem in ("valid", "validation", "test", "dev") and path.parent.name not in ("", "data")
+    return path.parent.name if generic else path.stem
+
+
+def _summary_line(results: dict) -> str:
+    c = results["counts"]
+    return (f"{results['model']['label']} on {results['data']['name']}: ROUGE-L {results['rouge_l']['mean']:.2f} "
+            f"± {results['rouge_l']['std']:.2f}, exact match {results['exact_match']['mean']:.2f} "
+            f"(strict {results['exact_match_strict']['mean']:.2f}); evaluated {c['evaluated']} of {c['records']} "
+            f"({100 * c['evaluated_fraction']:.1f}%), dropped {c['dropped_long_prompt']} long prompts, "
+            f"{c['dropped_no_reference']} without reference")
+
+
+if __name__ == "__main__":
+    main()

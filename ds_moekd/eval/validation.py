@@ -1,0 +1,117 @@
+"""Validation during training: score the student every N steps and keep the best checkpoint.
+
+The student is partitioned by ZeRO-3, so generation needs every rank. Two ways (`validation.generation`):
+  gather  (default) every rank gathers the full weights once (GatheredParameters) into a plain
+          replica of the model and decodes its share of the prompts on its own: no collective
+          per token, so it is far faster; costs one full copy of the student per rank.
+  synced  decode with the partitioned engine module itself (`synced_gpus=True`): every new token
+          gathers the parameters layer by layer and all ranks step together; for students too
+          large to hold whole.
+Prompts are sharded round-robin and decoding is counter-based (eval/runner.py), so a score does
+not depend on the number of ranks. Rank 0 appends each score to `validation.jsonl`; when the
+chosen metric improves, the student is written as a Hugging Face model to `best_student_hf/`
+with `best.json` inside, atomically (ds_moekd.atomic.replace_dir): a crash never leaves a
+half-written best checkpoint, and the old one stays until the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import deepspeed
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
+
+from ds_moekd.assets import resolve_path
+from ds_moekd.atomic import replace_dir
+from ds_moekd.data.formats import EvalData, load_eval_data
+from ds_moekd.dist import ParallelGroups
+from ds_moekd.eval.runner import EvalSettings, evaluate
+
+BEST_DIR = "best_student_hf"
+
+
+class Validator:
+    def __init__(self, cfg, tokenizer, groups: ParallelGroups):
+        self.cfg = cfg.validation
+        self.run_dir: Path = cfg.run_dir
+        self.tokenizer = tokenizer
+        self.groups = groups
+        data = load_eval_data(str(resolve_path(self.cfg.file or cfg.data.valid_file)), format=self.cfg.format)
+        records = data.records[: self.cfg.examples] if self.cfg.examples else data.records
+        self.data = EvalData(records, data.format, data.source)
+        self.settings = EvalSettings(seeds=(self.cfg.seed,), greedy=self.cfg.greedy, max_new_tokens=self.cfg.max_new_tokens,
+                                     max_prompt_tokens=cfg.data.max_prompt_tokens, batch_size=self.cfg.batch_size)
+        self.best: float | None = None
+        self._replica = None
+        if groups.rank == 0:
+            (self.run_dir / "validation.jsonl").unlink(missing_ok=True)  # a fresh run's curve
+
+    @classmethod
+    def create(cls, cfg, tokenizer, groups: ParallelGroups) -> Validator | None:
+        return cls(cfg, tokenizer, groups) if cfg.validation.every else None
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.every == 0
+
+    def run(self, engine, step: int) -> dict:
+        """Score the student now (every rank calls this); returns the record logged to validation.jsonl."""
+        start = time.perf_counter()
+        params = list(engine.module.parameters())
+        zero3 = hasattr(params[0], "ds_id")
+        if self.cfg.generation == "gather":
+            model, lockstep = self._gathered_replica(engine, zero3), None
+        else:
+            model, lockstep = engine.module, self.groups.world_group
+        was_training = model.training
+        model.eval()
+        result = evaluate(model, self.tokenizer, self.data, self.settings, rank=self.groups.rank,
+                          world_size=self.groups.world_size, world_group=self.groups.world_group,
+                          lockstep_group=lockstep, progress=False)
+        model.train(was_training)
+        score = result[self.cfg.metric]["mean"]
+        improved = self.best is None or score > self.best
+        record = {"step": step, **{m: result[m]["mean"] for m in ("rouge_l", "exact_match", "exact_match_strict")},
+                  "metric": self.cfg.metric, "evaluated": result["counts"]["evaluated"],
+                  "dropped_long_prompt": result["counts"]["dropped_long_prompt"],
+                  "decoding": result["settings"]["decoding"], "best": improved and self.cfg.keep_best,
+                  "seconds": round(time.perf_counter() - start, 3)}
+        if improved:
+            self.best = score
+            if self.cfg.keep_best:
+                self._save_best(engine, zero3, record)
+        if self.groups.rank == 0:
+            with (self.run_dir / "validation.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _gathered_replica(self, engine, zero3: bool):
+        """A plain copy of the student with the current full weights (all ranks call: the gather is collective)."""
+        if self._replica is None:
+            self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
+            self._replica.to(next(engine.module.parameters()).device)
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+            self._replica.load_state_dict(engine.module.state_dict())
+        return self._replica
+
+    @staticmethod
+    def _dtype(engine):
+        return next(engine.module.parameters()).dtype
+
+    def _save_best(self, engine, zero3: bool, record: dict) -> None:
+        if self.cfg.generation == "gather":
+            model = self._replica  # already holds the full weights just scored
+        else:
+            model = self._gathered_replica(engine, zero3)
+            self._replica = None  # synced mode keeps no copy between validations
+        if self.groups.rank == 0:
+            model.config.use_cache = True
+            with replace_dir(self.run_dir / BEST_DIR) as tmp:
+                model.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                (tmp / "best.json").write_text(json.dumps(record, indent=2) + "\n")
+        if dist.is_initialized():
+            dist.barrier()

@@ -1,0 +1,172 @@
+"""`ds-moekd eval`: counter-based sampling, the teacher's decode loop, sharding over 2 real ranks, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from eval_models import write_eval_models
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import ds_moekd.routing
+from ds_moekd.data.formats import load_eval_data
+from ds_moekd.dist import ParallelGroups
+from ds_moekd.eval import cli as eval_cli
+from ds_moekd.eval.decode import Decoding, decode_shard
+from ds_moekd.eval.diagnostics import non_activated_gate_mass
+from ds_moekd.eval.runner import EvalSettings, evaluate, load_settings, prompt_ids, summarize
+from ds_moekd.eval.sampling import sample_next
+from ds_moekd.teacher import MoETeacher
+
+SETTINGS = EvalSettings(seeds=(10, 20), max_new_tokens=6, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    return write_eval_models(tmp_path_factory.mktemp("eval_models"))
+
+
+def test_counter_sampling_follows_softmax_and_depends_only_on_its_key():
+    logits_V = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    keys = torch.arange(20000)
+    tokens = sample_next(logits_V.expand(len(keys), -1), seed=10, keys_B=keys, step=3)
+    freq = torch.bincount(tokens, minlength=5).double() / len(keys)
+    expected = torch.softmax(logits_V.double(), -1)
+    assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / len(keys)))
+    # A row's token depends on (seed, key, step) only: not on its batch neighbours or position.
+    alone = sample_next(logits_V[None], seed=10, keys_B=keys[7:8], step=3)
+    assert alone.item() == tokens[7].item()
+    assert not torch.equal(tokens, sample_next(logits_V.expand(len(keys), -1), seed=20, keys_B=keys, step=3))
+    hot = sample_next(torch.tensor([[0.0, 50.0, 0.0, 0.0, 0.0, 99.0]]), seed=1, keys_B=keys[:1], step=0,
+                      vocab_limit=5)
+    assert hot.item() == 1  # ids past the tokenizer (padded lm_head rows) are never drawn
+
+
+@pytest.mark.parametrize("seed", [None, 10])
+def test_teacher_decode_loop_matches_transformers_generate(paths, seed):
+    """The MoETeacher step loop (no KV cache) emits what transformers' generate does, greedy and sampled."""
+    tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
+    records = load_eval_data(paths["test"]).records
+    prompts = [prompt_ids(r, tokenizer, "alpaca") for r in records]
+    keys = list(range(len(prompts)))
+    decoding = Decoding(max_new_tokens=6, seed=seed, batch_size=3)
+    reference = AutoModelForCausalLM.from_pretrained(paths["teacher"]).eval()
+    expected = decode_shard(reference, tokenizer, prompts, keys, decoding)
+    teacher = MoETeacher.from_pretrained(paths["teacher"])
+    got = decode_shard(teacher, tokenizer, prompts, keys, decoding, routing=ds_moekd.routing.NativeTopK())
+    assert got == expected and len(set(got)) > 2
+
+
+def _evaluate_on_ranks(paths: dict, backend: str) -> dict:
+    import torch.distributed as dist
+
+    tokenizer = AutoTokenizer.from_pretrained(paths[backend if backend != "moe" else "teacher"])
+    data = load_eval_data(paths["test"])
+    records = data.records[:5]  # rank 0 decodes 3 prompts in 2 batches, rank 1 two in 1 real + 1 dummy batch
+    data = type(data)(records, data.format, data.source)
+    lockstep = None
+    if backend == "moe":
+        groups = ParallelGroups.create(ep_size=2)
+        model, lockstep = MoETeacher.from_pretrained(paths["teacher"], groups=groups), groups.ep_group
+    else:
+        model = AutoModelForCausalLM.from_pretrained(paths[backend]).eval()
+    result = evaluate(model, tokenizer, data, SETTINGS, rank=dist.get_rank(), world_size=2,
+                      world_group=dist.group.WORLD, lockstep_group=lockstep, progress=False)
+    if backend == "moe":  # 3 vs 2 prompts per rank, batch 2: rank 1 runs a dummy batch in lockstep
+        prompts = [prompt_ids(r, tokenizer, "alpaca") for r in records][dist.get_rank()::2]
+        result["gate"] = non_activated_gate_mass(model, prompts, tokenizer.pad_token_id, batch_size=2,
+                                                 world_group=dist.group.WORLD, lockstep_group=lockstep)
+    return result
+
+
+@pytest.mark.parametrize("backend", ["student", "moe"])
+def test_two_ranks_equal_one_process(rank_pool2, paths, backend):
+    """Sharded sampling over 2 ranks (EP-2 teacher in lockstep) gives the 1-process results exactly."""
+    tokenizer = AutoTokenizer.from_pretrained(paths["student"])
+    data = load_eval_data(paths["test"])
+    data = type(data)(data.records[:5], data.format, data.source)
+    # The single-process reference: transformers' own model (for the teacher: native routing).
+    single_model = AutoModelForCausalLM.from_pretrained(paths["student" if backend == "student" else "teacher"])
+    single = evaluate(single_model.eval(), tokenizer, data, SETTINGS, progress=False)
+    ranks = rank_pool2.run(_evaluate_on_ranks, paths, backend)
+    for result in ranks:
+        assert result["per_seed"] == single["per_seed"] and result["examples"] == single["examples"]
+        assert result["per_category"] == single["per_category"]
+    assert ranks[0]["counts"] == single["counts"] == {"records": 5, "evaluated": 5, "dropped_long_prompt": 0,
+                                                      "dropped_no_reference": 0, "evaluated_fraction": 1.0}
+    assert len({e["prediction"] for e in single["examples"]}) > 2  # really different texts per prompt
+    if backend == "moe":
+        expected = reference_gate_mass(single_model, [prompt_ids(r, tokenizer, "alpaca") for r in data.records])
+        for result in ranks:
+            assert result["gate"]["tokens"] == expected["tokens"]
+            assert result["gate"]["non_activated_gate_mass"] == pytest.approx(expected["mass"], abs=1e-5)
+
+
+@torch.no_grad()
+def reference_gate_mass(model, prompts: list[list[int]]) -> dict:
+    """From transformers' own router logits (output_router_logits), one prompt at a time (no padding)."""
+    sums, tokens = torch.zeros(model.config.num_hidden_layers, dtype=torch.float64), 0
+    for ids in prompts:
+        out = model(torch.tensor([ids]), output_router_logits=True)
+        for layer, logits_TN in enumerate(out.router_logits):
+            top_T = torch.softmax(logits_TN.float(), -1).topk(model.config.num_experts_per_tok, -1).values.sum(-1)
+            sums[layer] += float((1 - top_T).sum())
+        tokens += len(ids)
+    return {"mass": (sums / tokens).tolist(), "tokens": tokens}
+
+
+def test_summary_means_stds_and_categories():
+    from ds_moekd.data.instructions import InstructionRecord
+
+    records = [InstructionRecord("i", "", ("a b",), {"category": "x"}), InstructionRecord("i", "", ("c",), {})]
+    # Seed 1: both right; seed 2: first right, second wrong.
+    out = summarize(records, (1, 2), [["a b", "c"], ["A B!", "d"]])
+    assert [s["exact_match"] for s in out["per_seed"]] == [100.0, 50.0]
+    assert [s["exact_match_strict"] for s in out["per_seed"]] == [100.0, 0.0]
+    assert out["exact_match"] == {"mean": 75.0, "std": 25.0}
+    assert out["per_category"] == {"x": {"count": 1, "rouge_l": {"mean": 100.0, "std": 0.0},
+                                         "exact_match": {"mean": 100.0, "std": 0.0},
+                                         "exact_match_strict": {"mean": 50.0, "std": 50.0}}}
+
+
+def test_cli_counts_dropped_prompts_and_records_settings(paths, tmp_path):
+    out = tmp_path / "r.json"
+    lengths = sorted(len(prompt_ids(r, AutoTokenizer.from_pretrained(paths["student"]), "alpaca"))
+                     for r in load_eval_data(paths["test"]).records)
+    limit = lengths[2]  # keeps the 3 shortest prompts (ties aside)
+    eval_cli.main(["--model", paths["student"], "--data", paths["test"], "--greedy", "--max-new-tokens", "4",
+                   "--max-prompt-tokens", str(limit), "--out", str(out)])
+    result = json.loads(out.read_text())
+    kept = sum(n <= limit for n in lengths)
+    assert result["counts"] == {"records": 8, "evaluated": kept, "dropped_long_prompt": 8 - kept,
+                                "dropped_no_reference": 0, "evaluated_fraction": round(kept / 8, 4)}
+    assert result["settings"]["greedy"] and result["settings"]["max_prompt_tokens"] == limit
+    assert result["model"]["kind"] == "student" and result["data"]["format"] == "minillm"
+    assert [s["seed"] for s in result["per_seed"]] == [None]
+
+
+@pytest.mark.parametrize("routing, policy", [("all", "AllExperts"), ("ka", "KASample")])
+def test_cli_routing_policies_of_the_teacher_issue(paths, tmp_path, routing, policy):
+    args = ["--model", paths["teacher"], "--data", paths["test"], "--greedy", "--max-new-tokens", "2",
+            "--routing", routing, "--out", str(tmp_path / "r.json")]
+    if hasattr(ds_moekd.routing, policy):
+        assert eval_cli.main(args)["model"]["backend"] == "MoETeacher"
+    else:
+        with pytest.raises(NotImplementedError, match=f"--routing {routing} needs the routing policies"):
+            eval_cli.main(args)
+    with pytest.raises(ValueError, match="apply to a MoE teacher"):
+        eval_cli.main([*args[:1], paths["student"], *args[2:]])
+
+
+def test_shipped_eval_settings_are_the_papers(tmp_path):
+    configs = Path(__file__).resolve().parents[1] / "ds_configs" / "eval"
+    paper = load_settings(configs / "minillm.yaml")
+    assert (paper.seeds, paper.greedy, paper.temperature) == ((10, 20, 30, 40, 50), False, 1.0)
+    assert (paper.max_prompt_tokens, paper.max_new_tokens) == (256, 256)
+    assert load_settings(configs / "demo.yaml", max_new_tokens=8).greedy
+    (tmp_path / "bad.yaml").write_text("top_p: 0.9\n")
+    with pytest.raises(ValueError, match=r"unknown evaluation settings \['top_p'\]"):
+        load_settings(tmp_path / "bad.yaml")

@@ -80,7 +80,8 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
-    eval_examples: int = 256  # held-out examples scored before/after training (0 = skip)
+    eval_file: str | None = None  # held-out data scored before/after training (default: data.valid_file)
+    eval_examples: int = 256  # how many of its records (0 = skip)
     max_new_tokens: int = 32
 
 
@@ -303,6 +304,7 @@ def check_paths_exist(cfg: RunConfig) -> None:
     fields = {
         "data.train_file": cfg.data.train_file,
         "data.valid_file": cfg.data.valid_file,
+        "report.eval_file": cfg.report.eval_file,
         "student.path": cfg.student.path,
         "student.deepspeed_config": cfg.student.deepspeed_config,
         "teacher.path": cfg.teacher.path if cfg.method != "sft" else None,

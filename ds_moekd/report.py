@@ -36,9 +36,10 @@ def score_model(model_dir: Path, records, max_new_tokens: int) -> dict:
 
 
 def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
-    records = read_minillm_jsonl(resolve_path(cfg.data.valid_file))[: cfg.report.eval_examples]
+    eval_file = cfg.report.eval_file or cfg.data.valid_file
+    records = read_minillm_jsonl(resolve_path(eval_file))[: cfg.report.eval_examples]
     return {
-        "data": cfg.data.valid_file,
+        "data": eval_file,
         "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",
         "before": score_model(before_dir, records, cfg.report.max_new_tokens),
         "after": score_model(after_dir, records, cfg.report.max_new_tokens),
@@ -115,6 +116,22 @@ def write_run_report(run_dir: Path, record: dict) -> None:
             f"| {r['rank']} | {r['student_partitioned_params']:,} of {record['student_total_params']:,} | "
             f"{t.get('local_expert_ids', '-')} | {t.get('expert_param_bytes', '-')} |"
         )
+    validation_path = run_dir / "validation.jsonl"
+    if validation_path.exists() and validation_path.read_text().strip():
+        scores = read_metrics(validation_path)
+        lines += [
+            "",
+            f"## Validation during training ({scores[0]['evaluated']} examples, {scores[0]['decoding']}; "
+            f"best by {scores[0]['metric']} kept in `best_student_hf/`)",
+            "",
+            "| step | strict exact match | exact match | ROUGE-L | best so far |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['step']} | {r['exact_match_strict']:.2f} | {r['exact_match']:.2f} | {r['rouge_l']:.2f} | "
+            f"{'yes' if r['best'] else ''} |"
+            for r in scores
+        ]
     if "eval" in record:
         ev = record["eval"]
         lines += [

@@ -85,7 +85,7 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
             },
             "train_wall_s": time.time() - start_time,
         }
-        if cfg.report.eval_examples and cfg.data.valid_file:
+        if cfg.report.eval_examples and (cfg.report.eval_file or cfg.data.valid_file):
             with phase("held-out evaluation before/after"):
                 record["eval"] = evaluate_student(cfg, student_path, export_dir)
         record["wall_s"] = time.time() - start_time

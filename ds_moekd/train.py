@@ -152,7 +152,7 @@ def train(cfg: RunConfig) -> dict:
     for _ in range(start_step * gas):  # the data stream continues exactly where the checkpoint left it
         next(batches)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main, keep_steps_upto=start_step)
-    validator = Validator.create(cfg, tokenizer, groups)  # None unless validation.every > 0
+    validator = Validator.create(cfg, tokenizer, groups, start_step)  # None unless validation.every > 0
     steps = range(start_step, cfg.train.steps)
     progress = tqdm(steps, initial=start_step, total=cfg.train.steps, disable=not is_main, desc=cfg.method,
                     dynamic_ncols=True)

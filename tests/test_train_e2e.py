@@ -28,7 +28,8 @@ def _overrides(tiny_demo, out):
         "name=e2e", f"output_dir={out}", f"train.steps={STEPS}", "train.save_every=3", "data.micro_batch_size=3",
         f"data.train_file={tiny_demo}/data/train.jsonl", f"data.valid_file={tiny_demo}/data/valid.jsonl",
         f"teacher.path={tiny_demo}/teacher", f"student.path={tiny_demo}/student", "report.eval_examples=4",
-        "report.max_new_tokens=4", f"student.deepspeed_config={REPO}/ds_configs/zero3_cpu.json",
+        "report.max_new_tokens=4", "validation.every=3", "validation.examples=4", "validation.max_new_tokens=4",
+        f"student.deepspeed_config={REPO}/ds_configs/zero3_cpu.json",
     ]
 
 
@@ -94,6 +95,8 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(kd_run, rank_pool
     # Mark the lines written before the crash (one past the checkpoint) to see which survive.
     logged = [{**m, "before_crash": True} for m in read_metrics(crashed / "metrics.jsonl")[:4]]
     (crashed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in logged))
+    scores = [json.loads(line) for line in (crashed / "validation.jsonl").read_text().splitlines()]
+    (crashed / "validation.jsonl").write_text(json.dumps({**scores[0], "before_crash": True}) + "\n")
     rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml",
                    _overrides(tiny_demo, tmp_path) + ["train.resume=true"], timeout_s=600)
 
@@ -103,6 +106,9 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(kd_run, rank_pool
     assert [m.get("before_crash", False) for m in resumed] == [True] * 3 + [False] * (STEPS - 3)
     for a, b in zip(resumed, original):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    resumed_scores = [json.loads(line) for line in (crashed / "validation.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("before_crash", False)) for r in resumed_scores] == [(3, True), (6, False)]
+    assert resumed_scores[1]["rouge_l"] == pytest.approx(scores[1]["rouge_l"])
     final = AutoModelForCausalLM.from_pretrained(crashed / "student_hf").state_dict()
     for name, tensor in AutoModelForCausalLM.from_pretrained(kd_run / "student_hf").state_dict().items():
         torch.testing.assert_close(final[name], tensor, rtol=1e-6, atol=1e-7, msg=name)

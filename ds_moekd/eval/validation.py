@@ -34,7 +34,7 @@ BEST_DIR = "best_student_hf"
 
 
 class Validator:
-    def __init__(self, cfg, tokenizer, groups: ParallelGroups):
+    def __init__(self, cfg, tokenizer, groups: ParallelGroups, start_step: int = 0):
         self.cfg = cfg.validation
         self.run_dir: Path = cfg.run_dir
         self.tokenizer = tokenizer
@@ -44,14 +44,20 @@ class Validator:
         self.data = EvalData(records, data.format, data.source)
         self.settings = EvalSettings(seeds=(self.cfg.seed,), greedy=self.cfg.greedy, max_new_tokens=self.cfg.max_new_tokens,
                                      max_prompt_tokens=cfg.data.max_prompt_tokens, batch_size=self.cfg.batch_size)
-        self.best: float | None = None
         self._replica = None
+        # A fresh run starts a new curve; a resumed one keeps the scores up to its checkpoint
+        # (and the best so far, so a worse later score never replaces the kept best student).
+        log_path = self.run_dir / "validation.jsonl"
+        kept = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
+            if start_step and log_path.exists() else []
+        kept = [r for r in kept if r["step"] <= start_step]
+        self.best: float | None = max((r[self.cfg.metric] for r in kept), default=None)
         if groups.rank == 0:
-            (self.run_dir / "validation.jsonl").unlink(missing_ok=True)  # a fresh run's curve
+            log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     @classmethod
-    def create(cls, cfg, tokenizer, groups: ParallelGroups) -> Validator | None:
-        return cls(cfg, tokenizer, groups) if cfg.validation.every else None
+    def create(cls, cfg, tokenizer, groups: ParallelGroups, start_step: int = 0) -> Validator | None:
+        return cls(cfg, tokenizer, groups, start_step) if cfg.validation.every else None
 
     def due(self, step: int) -> bool:
         return step % self.cfg.every == 0

@@ -14,9 +14,9 @@ else
   [ -x .venv/bin/python ] || python3 -m venv .venv >&2
   bin="$repo/.venv/bin"
 fi
-stamp="$bin/../.ds-moekd-installed"
 extras="${1:-}"
-want="$(sha256sum pyproject.toml | cut -c1-16) [$extras]"
+stamp="$bin/../.ds-moekd-installed${extras:+-$extras}"  # one per extras set: switching never reinstalls
+want="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if ! "$bin/python" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then

@@ -145,7 +145,8 @@ def plot_loss(runs: list[Run], path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("nats per response token")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a run may have no validation curve or no such loss part
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -162,7 +163,8 @@ def plot_validation(runs: list[Run], path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(SCORE_METRICS[metric])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a run may have no validation curve or no such loss part
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,7 +1,8 @@
-"""`ds-moekd eval`: counter-based sampling, the teacher's decode loop, sharding over 2 real ranks, the CLI."""
+"""`ds-moekd eval`: counter-based sampling, teacher decoding, sharding over 2 real ranks, routing, the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -32,22 +33,24 @@ def paths(tmp_path_factory):
 def test_counter_sampling_follows_softmax_and_depends_only_on_its_key():
     logits_V = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
     keys = torch.arange(20000)
-    tokens = sample_next(logits_V.expand(len(keys), -1), seed=10, keys_B=keys, step=3)
+    at_3 = torch.full_like(keys, 3)
+    tokens = sample_next(logits_V.expand(len(keys), -1), seed=10, keys_B=keys, positions_B=at_3)
     freq = torch.bincount(tokens, minlength=5).double() / len(keys)
     expected = torch.softmax(logits_V.double(), -1)
     assert torch.allclose(freq, expected, atol=4 * math.sqrt(0.25 / len(keys)))
-    # A row's token depends on (seed, key, step) only: not on its batch neighbours or position.
-    alone = sample_next(logits_V[None], seed=10, keys_B=keys[7:8], step=3)
+    # A row's token depends on (seed, key, position) only: not on its batch neighbours.
+    alone = sample_next(logits_V[None], seed=10, keys_B=keys[7:8], positions_B=at_3[:1])
     assert alone.item() == tokens[7].item()
-    assert not torch.equal(tokens, sample_next(logits_V.expand(len(keys), -1), seed=20, keys_B=keys, step=3))
-    hot = sample_next(torch.tensor([[0.0, 50.0, 0.0, 0.0, 0.0, 99.0]]), seed=1, keys_B=keys[:1], step=0,
-                      vocab_limit=5)
+    for other in ({"seed": 20, "positions_B": at_3}, {"seed": 10, "positions_B": at_3 + 1}):
+        assert not torch.equal(tokens, sample_next(logits_V.expand(len(keys), -1), keys_B=keys, **other))
+    hot = sample_next(torch.tensor([[0.0, 50.0, 0.0, 0.0, 0.0, 99.0]]), seed=1, keys_B=keys[:1],
+                      positions_B=at_3[:1], vocab_limit=5)
     assert hot.item() == 1  # ids past the tokenizer (padded lm_head rows) are never drawn
 
 
 @pytest.mark.parametrize("seed", [None, 10])
-def test_teacher_decode_loop_matches_transformers_generate(paths, seed):
-    """The MoETeacher step loop (no KV cache) emits what transformers' generate does, greedy and sampled."""
+def test_teacher_generate_matches_transformers_generate(paths, seed):
+    """MoETeacher.generate emits what transformers' generate does, greedy and sampled (one sampling rule)."""
     tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
     records = load_eval_data(paths["test"]).records
     prompts = [prompt_ids(r, tokenizer, "alpaca") for r in records]
@@ -60,37 +63,50 @@ def test_teacher_decode_loop_matches_transformers_generate(paths, seed):
     assert got == expected and len(set(got)) > 2
 
 
+KA_DRAWS = ds_moekd.routing.KASample(resample_prob=0.5, num_selected=2, seed=3)  # many draws really resample
+
+
 def _evaluate_on_ranks(paths: dict, backend: str) -> dict:
     import torch.distributed as dist
 
-    tokenizer = AutoTokenizer.from_pretrained(paths[backend if backend != "moe" else "teacher"])
+    tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     data = load_eval_data(paths["test"])
     records = data.records[:5]  # rank 0 decodes 3 prompts in 2 batches, rank 1 two in 1 real + 1 dummy batch
     data = type(data)(records, data.format, data.source)
     lockstep = None
-    if backend == "moe":
+    if backend != "student":
         groups = ParallelGroups.create(ep_size=2)
         model, lockstep = MoETeacher.from_pretrained(paths["teacher"], groups=groups), groups.ep_group
     else:
         model = AutoModelForCausalLM.from_pretrained(paths[backend]).eval()
     result = evaluate(model, tokenizer, data, SETTINGS, rank=dist.get_rank(), world_size=2,
-                      world_group=dist.group.WORLD, lockstep_group=lockstep, progress=False)
+                      world_group=dist.group.WORLD, lockstep_group=lockstep, progress=False,
+                      routing=KA_DRAWS if backend == "moe-ka" else None)
     if backend == "moe":  # 3 vs 2 prompts per rank, batch 2: rank 1 runs a dummy batch in lockstep
         prompts = [prompt_ids(r, tokenizer, "alpaca") for r in records][dist.get_rank()::2]
-        result["gate"] = non_activated_gate_mass(model, prompts, tokenizer.pad_token_id, batch_size=2,
+        keys = list(range(len(records)))[dist.get_rank()::2]
+        result["gate"] = non_activated_gate_mass(model, prompts, keys, tokenizer.pad_token_id, batch_size=2,
                                                  world_group=dist.group.WORLD, lockstep_group=lockstep)
     return result
 
 
-@pytest.mark.parametrize("backend", ["student", "moe"])
+@pytest.mark.parametrize("backend", ["student", "moe", "moe-ka"])
 def test_two_ranks_equal_one_process(rank_pool2, paths, backend):
     """Sharded sampling over 2 ranks (EP-2 teacher in lockstep) gives the 1-process results exactly."""
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     data = load_eval_data(paths["test"])
     data = type(data)(data.records[:5], data.format, data.source)
-    # The single-process reference: transformers' own model (for the teacher: native routing).
-    single_model = AutoModelForCausalLM.from_pretrained(paths["student" if backend == "student" else "teacher"])
-    single = evaluate(single_model.eval(), tokenizer, data, SETTINGS, progress=False)
+    # The single-process reference: transformers' own model (for the teacher: native routing), or
+    # for KA draws the 1-process MoETeacher in one batch (KA draws keyed by the prompts' global indices,
+    # not by their rows).
+    settings, routing = SETTINGS, None
+    if backend == "moe-ka":
+        single_model, routing = MoETeacher.from_pretrained(paths["teacher"]), KA_DRAWS
+        settings = dataclasses.replace(SETTINGS, batch_size=5)
+    else:
+        single_model = AutoModelForCausalLM.from_pretrained(paths["student" if backend == "student" else "teacher"])
+        single_model = single_model.eval()
+    single = evaluate(single_model, tokenizer, data, settings, progress=False, routing=routing)
     ranks = rank_pool2.run(_evaluate_on_ranks, paths, backend)
     for result in ranks:
         assert result["per_seed"] == single["per_seed"] and result["examples"] == single["examples"]
@@ -148,17 +164,53 @@ def test_cli_counts_dropped_prompts_and_records_settings(paths, tmp_path):
     assert [s["seed"] for s in result["per_seed"]] == [None]
 
 
-@pytest.mark.parametrize("routing, policy", [("all", "AllExperts"), ("ka", "KASample")])
-def test_cli_routing_policies_of_the_teacher_issue(paths, tmp_path, routing, policy):
-    args = ["--model", paths["teacher"], "--data", paths["test"], "--greedy", "--max-new-tokens", "2",
-            "--routing", routing, "--out", str(tmp_path / "r.json")]
-    if hasattr(ds_moekd.routing, policy):
-        assert eval_cli.main(args)["model"]["backend"] == "MoETeacher"
-    else:
-        with pytest.raises(NotImplementedError, match=f"--routing {routing} needs the routing policies"):
-            eval_cli.main(args)
+def _routed_reference(paths: dict, experts_per_token: int) -> dict:
+    """transformers' own Mixtral with `num_experts_per_tok` overridden, through the same evaluate()."""
+    tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
+    model = AutoModelForCausalLM.from_pretrained(paths["teacher"], num_experts_per_tok=experts_per_token).eval()
+    settings = EvalSettings(greedy=True, max_new_tokens=6, batch_size=3)
+    return evaluate(model, tokenizer, load_eval_data(paths["test"]), settings, progress=False)
+
+
+@pytest.mark.parametrize("routing, options, experts_per_token, recorded", [
+    ("all", [], 4, {"policy": "all", "num_selected": 4}),
+    ("ka", ["--ka-resample-prob", "0"], 3, {"policy": "ka", "resample_prob": 0.0, "num_selected": 3, "seed": 0}),
+])
+def test_cli_teacher_routing_equals_transformers_with_more_experts(paths, tmp_path, routing, options,
+                                                                   experts_per_token, recorded):
+    """ALL = Mixtral with k=N; KA with λ=0 = Mixtral with k=N-1 (greedy, 4 experts, native k=2)."""
+    args = ["--model", paths["teacher"], "--data", paths["test"], "--greedy", "--max-new-tokens", "6",
+            "--batch-size", "3", "--out", str(tmp_path / "r.json")]
+    got = eval_cli.main([*args, "--routing", routing, *options])
+    assert got["model"]["backend"] == "MoETeacher" and got["settings"]["routing"] == recorded
+    expected = _routed_reference(paths, experts_per_token)
+    assert got["examples"] == expected["examples"] and got["per_seed"] == expected["per_seed"]
+    native = eval_cli.main([*args, "--routing", "native", "--backend", "hf"])  # diagnostics: a MoETeacher after
+    assert native["model"]["backend"] == "transformers" and native["settings"]["routing"] == {"policy": "native"}
+    assert native["examples"] != got["examples"]  # the routing really changed the text
+    first_layer = [r["routing_diagnostics"]["non_activated_gate_mass"][0] for r in (native, got)]
+    assert first_layer[0] == first_layer[1]  # the first MoE layer's input does not depend on routing
+
+
+def test_cli_routing_options_need_a_teacher_and_ka(paths, tmp_path):
+    args = ["--data", paths["test"], "--greedy", "--max-new-tokens", "2", "--out", str(tmp_path / "r.json")]
     with pytest.raises(ValueError, match="apply to a MoE teacher"):
-        eval_cli.main([*args[:1], paths["student"], *args[2:]])
+        eval_cli.main(["--model", paths["student"], "--routing", "all", *args])
+    with pytest.raises(ValueError, match="apply to --routing ka"):
+        eval_cli.main(["--model", paths["teacher"], "--routing", "all", "--ka-seed", "3", *args])
+
+
+def test_llama_moe_is_a_teacher_checkpoint_with_gate_diagnostics(paths, tmp_path):
+    """transformers knows no llama_moe: detection reads config.json; diagnostics come from the MoETeacher."""
+    from tiny_moe_checkpoints import save_llama_moe
+
+    path = Path(save_llama_moe(str(tmp_path / "llama_moe")))
+    assert eval_cli.is_moe_checkpoint(path) and not eval_cli.is_moe_checkpoint(Path(paths["student"]))
+    teacher = MoETeacher.from_pretrained(str(path))
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    gate = non_activated_gate_mass(teacher, prompts, [0, 1, 2], pad_token_id=0, batch_size=2)
+    assert gate["tokens"] == 9 and len(gate["non_activated_gate_mass"]) == len(teacher.moe_blocks) == 2
+    assert all(0.0 < m < 1.0 for m in gate["non_activated_gate_mass"])
 
 
 def test_shipped_eval_settings_are_the_papers(tmp_path):

@@ -7,7 +7,6 @@ import logging
 
 import pytest
 import torch
-
 from ds_moekd.kernels import (
     dense_experts,
     dense_swiglu_reference,

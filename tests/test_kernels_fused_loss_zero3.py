@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ds_moekd.dist import ParallelGroups
+from ds_moekd.dist import ParallelGroups, init_distributed
 from ds_moekd.losses.fused import attach_fused_divergence_head
 
 HIDDEN, VOCAB, PADDED_VOCAB = 12, 29, 32  # lm_head rows past the tokenizer's vocab are padding
@@ -47,6 +47,7 @@ def _fused_step_on_rank(inputs, kind, lr):
     head = attach_fused_divergence_head(
         model, vocab=VOCAB, kind=kind, beta=0.4, temperature=1.3, chunk=3, backend="torch"
     )
+    init_distributed()  # DeepSpeed's comm layer, without its CPU inference-op build
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr), config=ds_config
     )

@@ -90,3 +90,13 @@ def test_unsupported_family_lists_supported_ones(tmp_path):
         r"llama_moe, mixtral, olmoe, qwen2_moe, qwen3_moe",
     ):
         MoETeacher.from_pretrained(str(tmp_path))
+
+
+def test_generation_never_picks_padded_vocabulary_rows(checkpoints):
+    # Qwen/DeepSeek lm_heads have rows past the tokenizer; emulate one by limiting below the argmax.
+    teacher = MoETeacher.from_pretrained(checkpoints["mixtral"])
+    ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
+    first = teacher.generate(ids, max_new_tokens=1)[:, -1]
+    limit = int(first.min())  # at least one row's favourite token falls outside the limit
+    limited = teacher.generate(ids, max_new_tokens=4, vocab_limit=limit)[:, 5:]
+    assert limit > 0 and int(limited.max()) < limit

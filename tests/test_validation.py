@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_moekd.config import ConfigError, DataConfig, RunConfig, StudentConfig, ValidationConfig, load_config
 from ds_moekd.data.formats import EvalData, load_eval_data
-from ds_moekd.dist import ParallelGroups
+from ds_moekd.dist import ParallelGroups, init_distributed
 from ds_moekd.eval.runner import EvalSettings, evaluate
 from ds_moekd.eval.validation import BEST_DIR, Validator
 
@@ -41,6 +41,7 @@ def _validate_zero3(paths: dict, root: str, valid_file: str) -> dict:
                  "stage3_param_persistence_threshold": 0}, "zero_allow_untested_optimizer": True,
                  "steps_per_print": 10**9}
     model = AutoModelForCausalLM.from_pretrained(paths["student"])
+    init_distributed()  # DeepSpeed's comm layer, without its CPU inference-op build
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                                       config=ds_config)
     out = {}

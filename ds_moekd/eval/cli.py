@@ -4,10 +4,11 @@
     torchrun --nproc_per_node 2 -m ds_moekd.eval.cli --model DIR --data FILE --out results.json
     deepspeed --num_gpus 2 --module ds_moekd.eval.cli --model DIR --data FILE --ep-size 2 --out results.json
 
-Prompts are sharded over ranks. A dense model, or a MoE teacher with native routing, runs as
-transformers' own model, replicated on every rank (fast: KV cache). A teacher with `--routing
-all|ka`, `--ep-size > 1` or `--backend moe` runs as the expert-parallel `MoETeacher`, decoding in
-lockstep with its EP group.
+Prompts are sharded over ranks. A dense model runs as transformers' own model, replicated on every
+rank. A MoE teacher (config.json's model_type one of the teacher families) runs as the
+expert-parallel `MoETeacher` under any `--routing`, decoding with its KV cache in lockstep with its
+EP group; `--backend hf` runs it as transformers' own model instead (native routing, one rank's full
+copy: a cross-check).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
@@ -26,27 +27,29 @@ from ds_moekd.data.formats import FORMATS, load_eval_data
 from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
+from ds_moekd.routing import AllExperts, KASample, NativeTopK
+from ds_moekd.teacher import MoETeacher
+from ds_moekd.teacher.families import FAMILIES
 
-ROUTINGS = {"native": "NativeTopK", "all": "AllExperts", "ka": "KASample"}  # --routing -> ds_moekd.routing class
+ROUTINGS = ("native", "all", "ka")
 
 
-def routing_policy(name: str):
-    """The routing policy object for `--routing NAME`, from ds_moekd.routing."""
-    from ds_moekd import routing
-
-    policy_class = getattr(routing, ROUTINGS[name], None)
-    if policy_class is None:
-        raise NotImplementedError(
-            f"--routing {name} needs the routing policies of the Teacher issue: ds_moekd.routing has no "
-            f"{ROUTINGS[name]} yet (only native top-k routing exists)"
-        )
-    return policy_class()
+def routing_policy(args: argparse.Namespace, num_experts: int):
+    """The routing policy of `--routing` (KA: `--ka-*`, K defaulting to N-1) and its settings record."""
+    if args.routing == "native":
+        return NativeTopK(), {"policy": "native"}
+    if args.routing == "all":
+        return AllExperts(), {"policy": "all", "num_selected": num_experts}
+    num_selected = num_experts - 1 if args.ka_num_selected is None else args.ka_num_selected
+    policy = KASample(resample_prob=args.ka_resample_prob, num_selected=num_selected, seed=args.ka_seed)
+    return policy, {"policy": "ka", "resample_prob": policy.resample_prob, "num_selected": num_selected,
+                    "seed": policy.seed}
 
 
 def is_moe_checkpoint(path: Path) -> bool:
-    from ds_moekd.teacher.families import FAMILIES
-
-    return getattr(AutoConfig.from_pretrained(path), "model_type", None) in FAMILIES
+    """config.json's model_type is a teacher family (read directly: transformers knows no llama_moe)."""
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") in FAMILIES
 
 
 def choose_backend(requested: str, *, moe: bool, routing: str, ep_size: int) -> str:
@@ -58,16 +61,14 @@ def choose_backend(requested: str, *, moe: bool, routing: str, ep_size: int) -> 
     if requested == "hf" and (routing != "native" or ep_size != 1):
         raise ValueError(f"--backend hf runs transformers' own model: native routing on one rank's full copy "
                          f"only (got --routing {routing}, --ep-size {ep_size}); use --backend moe")
-    if requested != "auto":
-        return requested
-    return "hf" if routing == "native" and ep_size == 1 else "moe"
+    return "moe" if requested == "auto" else requested
 
 
-def gate_diagnostics(model, tokenizer, data, settings, info, world_group, lockstep_group, routing) -> dict:
+def gate_diagnostics(teacher, tokenizer, data, settings, info, world_group, lockstep_group, routing) -> dict:
     """Non-activated router mass per MoE layer on this eval set's kept prompts (sharded like decoding)."""
     encoded = [prompt_ids(r, tokenizer, settings.template) for r in data.records]
-    kept = [ids for ids in encoded if len(ids) <= settings.max_prompt_tokens]
-    return non_activated_gate_mass(model, kept[info.rank::info.world_size], tokenizer.pad_token_id,
+    mine = [i for i, ids in enumerate(encoded) if len(ids) <= settings.max_prompt_tokens][info.rank::info.world_size]
+    return non_activated_gate_mass(teacher, [encoded[i] for i in mine], mine, tokenizer.pad_token_id,
                                    batch_size=settings.batch_size, routing=routing, world_group=world_group,
                                    lockstep_group=lockstep_group)
 
@@ -87,7 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--max-prompt-tokens", type=int)
     p.add_argument("--batch-size", type=int)
-    p.add_argument("--routing", default="native", choices=tuple(ROUTINGS))
+    p.add_argument("--routing", default="native", choices=ROUTINGS, help="teacher routing: native top-k, all "
+                   "experts, or KA (top-K, resampled from the router's distribution with --ka-resample-prob)")
+    p.add_argument("--ka-resample-prob", type=float, help="KA: per token and layer, probability of drawing the "
+                   "K experts from the router instead of taking the top-K (default 0.05)")
+    p.add_argument("--ka-num-selected", type=int, help="KA: K, experts per token (default N-1)")
+    p.add_argument("--ka-seed", type=int, help="KA: seed of the routing draws (default 0)")
     p.add_argument("--backend", default="auto", choices=("auto", "hf", "moe"))
     p.add_argument("--ep-size", type=int, default=1, help="teacher expert-parallel size (0: the whole world)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -111,27 +117,34 @@ def main(argv=None) -> dict:
         init_distributed()
     ep_size = info.world_size if args.ep_size == 0 else args.ep_size
     backend = choose_backend(args.backend, moe=moe, routing=args.routing, ep_size=ep_size)
-    routing = routing_policy(args.routing) if moe else None
+    ka_options = (args.ka_resample_prob, args.ka_num_selected, args.ka_seed)
+    if args.routing != "ka" and any(v is not None for v in ka_options):
+        raise ValueError("--ka-resample-prob/--ka-num-selected/--ka-seed apply to --routing ka")
+    args.ka_resample_prob = 0.05 if args.ka_resample_prob is None else args.ka_resample_prob
+    args.ka_seed = 0 if args.ka_seed is None else args.ka_seed
     data = load_eval_data(data_source, format=args.format, references=args.references, split=args.split)
     device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lockstep_group = None
+    groups = ParallelGroups.create(ep_size=ep_size) if backend == "moe" else ParallelGroups.single()
     if backend == "moe":
-        from ds_moekd.teacher import MoETeacher
-
-        groups = ParallelGroups.create(ep_size=ep_size)
         model = MoETeacher.from_pretrained(str(model_dir), groups=groups, dtype=dtype).to(device)
-        lockstep_group = groups.ep_group
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    routing, routing_settings = None, None
+    if moe:  # all/ka run on the MoETeacher only (choose_backend)
+        num_experts = model.family.router_spec(model.config).num_experts if backend == "moe" else None
+        routing, routing_settings = routing_policy(args, num_experts)
     world_group = dist.group.WORLD if info.world_size > 1 else None
     results = evaluate(model, tokenizer, data, settings, rank=info.rank, world_size=info.world_size,
-                       world_group=world_group, lockstep_group=lockstep_group,
+                       world_group=world_group, lockstep_group=groups.ep_group,
                        routing=routing if backend == "moe" else None)
+    results["settings"]["routing"] = routing_settings
     if moe:
+        if backend == "hf":  # the diagnostics read the MoETeacher's gates (every family's router)
+            model = MoETeacher.from_pretrained(str(model_dir), dtype=dtype).to(device)
         results["routing_diagnostics"] = gate_diagnostics(model, tokenizer, data, settings, info, world_group,
-                                                          lockstep_group, routing if backend == "moe" else None)
+                                                          groups.ep_group, routing)
     results["model"] = {
         "path": args.model, "label": args.label or (f"{model_dir.name} ({args.routing})" if moe else model_dir.name),
         "kind": "teacher" if moe else "student", "routing": args.routing if moe else None,

@@ -1,14 +1,13 @@
 """Decode one rank's share of prompts, alone or in lockstep with other ranks.
 
-Two decoders: a Hugging Face model's own `generate` (KV cache), and a step loop for the
-expert-parallel `MoETeacher`, which has no `generate` yet (a full forward per new token, no KV
-cache: slow on long outputs, exact). Sampling is counter-based (`sampling.py`), keyed by each
-prompt's global index, so the text of a prompt does not depend on batching or sharding.
+Two decoders, both with a KV cache: a Hugging Face model's own `generate`, and the expert-parallel
+`MoETeacher.generate`. Both sample by one counter-based rule (`sampling.py`) keyed by each prompt's
+global index, so the text of a prompt does not depend on batching, sharding or the decoder.
 
 Lockstep: ranks whose forwards are collective (an EP teacher's MoE layers exchange tokens; a
 ZeRO-3 student gathers its parameters) must run the same forwards. They run the same number of
 batches (a rank out of prompts decodes a dummy row and discards it), and every batch steps until
-every rank's batch is done (`synced_gpus` in `generate`; an all-reduce per step in the loop).
+every rank's batch is done (`synced_gpus` in transformers; `MoETeacher.generate` does it itself).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import torch
 import torch.distributed as dist
 from transformers import LogitsProcessorList
 
-from ds_moekd.eval.sampling import CounterSampler, sample_next
+from ds_moekd.eval.sampling import CounterSampler
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,8 @@ def decode_shard(model, tokenizer, prompts: list[list[int]], keys: list[int], de
         rows = batches[b] if b < len(batches) else []
         ids, mask = left_pad([prompts[i] for i in rows] or [[tokenizer.eos_token_id]], tokenizer.pad_token_id)
         keys_B = torch.tensor([keys[i] for i in rows] or [-1], dtype=torch.long)
-        args = (ids.to(device), mask.to(device), keys_B, decoding, tokenizer, lockstep_group)
-        new_BN = _step_loop(model, *args, routing, finished=not rows) if is_teacher else _hf_generate(model, *args)
+        args = (ids.to(device), mask.to(device), keys_B.to(device), decoding, tokenizer)
+        new_BN = _teacher_generate(model, *args, routing) if is_teacher else _hf_generate(model, *args, lockstep_group)
         for r, i in enumerate(rows):
             new_ids = new_BN[r].tolist()
             if tokenizer.eos_token_id in new_ids:
@@ -86,7 +85,7 @@ def decode_shard(model, tokenizer, prompts: list[list[int]], keys: list[int], de
 def _hf_generate(model, ids, mask, keys_B, decoding: Decoding, tokenizer, lockstep_group) -> torch.Tensor:
     processors = LogitsProcessorList()
     if decoding.seed is not None:
-        processors.append(CounterSampler(decoding.seed, keys_B, ids.shape[1], decoding.temperature, len(tokenizer)))
+        processors.append(CounterSampler(decoding.seed, keys_B, mask, decoding.temperature, len(tokenizer)))
     with torch.inference_mode():
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=decoding.max_new_tokens, do_sample=False,
@@ -99,27 +98,12 @@ def _hf_generate(model, ids, mask, keys_B, decoding: Decoding, tokenizer, lockst
     return out[:, ids.shape[1]:]
 
 
-def _step_loop(teacher, ids, mask, keys_B, decoding: Decoding, tokenizer, lockstep_group, routing, *,
-               finished: bool) -> torch.Tensor:
-    """Decode with full forwards; a row that emitted EOS gets padding from then on."""
-    done_B = torch.full((ids.shape[0],), finished, dtype=torch.bool, device=ids.device)
-    new_tokens = []
-    with torch.inference_mode():
-        for step in range(decoding.max_new_tokens):
-            if _group_max(int(not bool(done_B.all())), lockstep_group) == 0:
-                break
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # as HF generate does for left padding
-            logits_BV = teacher(ids, attention_mask=mask, position_ids=position_ids, routing=routing,
-                                sequence_index=keys_B.clamp(min=0).to(ids.device)).logits[:, -1]
-            if decoding.seed is None:
-                next_B = logits_BV[:, :len(tokenizer)].argmax(dim=-1)
-            else:
-                next_B = sample_next(logits_BV, decoding.seed, keys_B, step, decoding.temperature, len(tokenizer))
-            next_B = torch.where(done_B, torch.full_like(next_B, tokenizer.pad_token_id), next_B)
-            new_tokens.append(next_B)
-            ids = torch.cat([ids, next_B[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            done_B |= next_B == tokenizer.eos_token_id
-    if not new_tokens:
-        return ids[:, :0]
-    return torch.stack(new_tokens, dim=1)
+def _teacher_generate(teacher, ids, mask, keys_B, decoding: Decoding, tokenizer, routing) -> torch.Tensor:
+    out = teacher.generate(
+        ids, mask, max_new_tokens=decoding.max_new_tokens, do_sample=decoding.seed is not None,
+        temperature=decoding.temperature, seed=decoding.seed or 0, routing=routing,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        sequence_index=keys_B,  # the prompt's global index: its sampling and KA routing keys
+        vocab_limit=len(tokenizer),
+    )
+    return out[:, ids.shape[1]:]

@@ -33,10 +33,13 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
     sequence_index: torch.Tensor | None = None,
+    vocab_limit: int | None = None,
 ) -> torch.Tensor:
     """Prompt plus new tokens `[B, S + n]` (left-padded prompts; rows that ended get padding).
 
     n is the number of steps this rank's batch needed (<= max_new_tokens), as in transformers.
+    `vocab_limit` (the tokenizer's length) keeps padded lm_head rows (Qwen, DeepSeek) from ever
+    being chosen.
     """
     batch = input_ids.shape[0]
     device = input_ids.device
@@ -55,7 +58,7 @@ def generate(
     step = 0
     while True:
         if step < max_new_tokens and not bool(done_B.all()):
-            next_B = _choose(logits_BV, do_sample, temperature, seed, sequences_B, next_position_B)
+            next_B = _choose(logits_BV[:, :vocab_limit], do_sample, temperature, seed, sequences_B, next_position_B)
             next_B = torch.where(done_B, torch.full_like(next_B, pad_token_id), next_B)
             new_tokens.append(next_B)
             if eos_token_id is not None:

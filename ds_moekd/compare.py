@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from ds_moekd.atomic import write_text
-from ds_moekd.telemetry import read_metrics
+from ds_moekd.telemetry import moving_average, read_metrics
 
 SCORE_METRICS = {"rouge_l": "ROUGE-L F1 (x100)", "exact_match": "exact match (%)",
                  "exact_match_strict": "strict exact match (%)"}
@@ -137,10 +137,14 @@ def plot_loss(runs: list[Run], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax, title in (("loss", axes[0], "Training objective (method's own loss)"),
                            ("ce", axes[1], "Cross-entropy on dataset responses")):
-        for run in runs:
+        for i, run in enumerate(runs):
             points = [(m["step"], m[key]) for m in run.metrics if key in m]
-            if points:
-                ax.plot(*zip(*points), label=_run_label(run))
+            if points:  # raw steps faint, a moving average solid: single steps are noisy
+                steps, values = zip(*points)
+                window = max(1, len(values) // 25)
+                ax.plot(steps, values, color=f"C{i}", alpha=0.2, linewidth=0.8)
+                ax.plot(steps, moving_average(list(values), window), color=f"C{i}",
+                        label=f"{_run_label(run)}, {window}-step mean")
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("nats per response token")

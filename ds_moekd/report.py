@@ -18,7 +18,7 @@ from ds_moekd.data.instructions import read_minillm_jsonl
 from ds_moekd.data.template import alpaca_prompt
 from ds_moekd.eval.generate import generate_responses
 from ds_moekd.eval.metrics import exact_match, rouge_l
-from ds_moekd.telemetry import read_metrics
+from ds_moekd.telemetry import moving_average, read_metrics
 
 
 def score_model(model_dir: Path, records, max_new_tokens: int) -> dict:
@@ -46,14 +46,6 @@ def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
     }
 
 
-def _moving_average(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
 def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
     """Per-step losses (faint) with a moving average (solid): single steps are noisy."""
     steps = [m["step"] for m in metrics]
@@ -63,7 +55,7 @@ def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
         if key in metrics[0]:
             values = [m[key] for m in metrics]
             ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(steps, _moving_average(values, window), color=color, label=f"{key} ({window}-step mean)")
+            ax.plot(steps, moving_average(values, window), color=color, label=f"{key} ({window}-step mean)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats per response token)")
     ax.set_title(title)

@@ -82,3 +82,12 @@ class MetricsWriter:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` steps (shorter at the start), for readable loss curves."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out

@@ -29,8 +29,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train_file: str  # MiniLLM-format JSONL (instruction, input, output)
+    train_file: str  # instruction data: a file, a saved dataset dir or a dataset name (ds_moekd.data.formats)
     valid_file: str | None = None
+    format: str = "auto"  # auto, minillm, dolly, self-instruct, sni (of train_file, valid_file, report.eval_file)
     max_prompt_tokens: int = 256  # longer prompts are dropped and counted
     max_response_tokens: int = 256  # longer responses are truncated
     micro_batch_size: int = 8  # sequences per rank per micro-step
@@ -130,6 +131,8 @@ def _validate(cfg: RunConfig) -> None:
         ("teacher.dtype", cfg.teacher.dtype in DTYPES, f"one of {DTYPES}"),
         ("teacher.expert_backend", cfg.teacher.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
         ("kd.loss_backend", cfg.kd.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
+        ("data.format", cfg.data.format in ("auto", "minillm", "dolly", "self-instruct", "sni"),
+         "one of auto, minillm, dolly, self-instruct, sni"),
         ("data.micro_batch_size", cfg.data.micro_batch_size >= 1, "at least 1"),
         ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "at least 1"),
         ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
@@ -310,7 +313,7 @@ def check_paths_exist(cfg: RunConfig) -> None:
         "teacher.path": cfg.teacher.path if cfg.method != "sft" else None,
     }
     for field_path, value in fields.items():
-        if value is None:
+        if value is None or (field_path.split(".")[1].endswith("_file") and _is_dataset_name(value)):
             continue
         try:
             exists = resolve_path(value).exists()
@@ -318,3 +321,9 @@ def check_paths_exist(cfg: RunConfig) -> None:
             raise ConfigError(f"config field {field_path}={value!r}: {exc}") from None
         if not exists:
             raise ConfigError(f"config field {field_path}={value!r}: no such file or directory")
+
+
+def _is_dataset_name(value: str) -> bool:
+    """`org/name`-style 🤗 dataset names are not local paths (ds_moekd.data.formats draws the same line)."""
+    return not value.startswith(("demo:", "/", ".")) and not value.endswith((".json", ".jsonl")) \
+        and not Path(value).exists()

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.config import RunConfig
-from ds_moekd.data.instructions import read_minillm_jsonl
+from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.template import alpaca_prompt
 from ds_moekd.eval.generate import generate_responses
 from ds_moekd.eval.metrics import exact_match, rouge_l
@@ -37,7 +37,7 @@ def score_model(model_dir: Path, records, max_new_tokens: int) -> dict:
 
 def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
     eval_file = cfg.report.eval_file or cfg.data.valid_file
-    records = read_minillm_jsonl(resolve_path(eval_file))[: cfg.report.eval_examples]
+    records = load_eval_data(str(resolve_path(eval_file)), format=cfg.data.format).records[: cfg.report.eval_examples]
     return {
         "data": eval_file,
         "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",

@@ -19,7 +19,7 @@ from ds_moekd import kernels
 from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
 from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
-from ds_moekd.data.instructions import read_minillm_jsonl
+from ds_moekd.data.formats import load_eval_data
 from ds_moekd.dist import ParallelGroups, init_distributed
 from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
@@ -126,7 +126,7 @@ def train(cfg: RunConfig) -> dict:
     vocab = len(tokenizer)
     with phase("data"):
         dataset = tokenize_records(
-            read_minillm_jsonl(resolve_path(cfg.data.train_file)),
+            load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format).records,
             tokenizer,
             max_prompt_tokens=cfg.data.max_prompt_tokens,
             max_response_tokens=cfg.data.max_response_tokens,

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from ds_moekd.data.batching import TokenizedDataset, TokenizedExample, collate, rank_batches, tokenize_records
-from ds_moekd.data.instructions import InstructionRecord, read_minillm_jsonl
+from ds_moekd.data.instructions import InstructionRecord
 
 
 def test_collate_masks_exactly_the_response_predictions():
@@ -43,17 +43,3 @@ def test_long_prompts_are_dropped_and_counted():
     data = tokenize_records(records, _CharTokenizer(), max_prompt_tokens=200, max_response_tokens=8)
     assert len(data.examples) == 1 and data.dropped_long_prompts == 1
     assert data.examples[0].response_ids[-1] == 1  # ends with EOS
-
-
-def test_malformed_jsonl_line_names_file_and_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"instruction": "a", "input": "", "output": "b"}\n{"instruction": oops}\n')
-    with pytest.raises(ValueError, match=rf"{path}:2: not valid JSON"):
-        read_minillm_jsonl(path)
-
-
-def test_list_outputs_become_references(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"instruction": "a", "input": "", "output": ["x", "y"], "family": "f"}\n')
-    (rec,) = read_minillm_jsonl(path)
-    assert rec.references == ("x", "y") and rec.output == "x" and rec.meta == {"family": "f"}

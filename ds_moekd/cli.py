@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> None:
 
         build_main(rest)
     elif args.command == "eval":
+        from ds_moekd.dist import shutdown
         from ds_moekd.eval.cli import main as eval_main
 
-        eval_main(rest)
+        try:
+            eval_main(rest)
+        finally:
+            shutdown()
     elif args.command == "report":
         from ds_moekd.compare import main as report_main
 

@@ -80,6 +80,13 @@ def init_distributed(backend: str | None = None) -> RankInfo:
     return info
 
 
+def shutdown() -> None:
+    """Tear the process group down before exit: left to interpreter exit, gloo's threads can
+    abort the process ("terminate called without an active exception") after the work is done."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @dataclass(frozen=True)
 class ParallelGroups:
     """World, data-parallel and expert-parallel groups of one job."""

@@ -20,7 +20,7 @@ from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
 from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
 from ds_moekd.data.formats import load_eval_data
-from ds_moekd.dist import ParallelGroups, init_distributed
+from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import build_method
@@ -186,7 +186,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    try:
+        train(load_config(args.config, args.overrides))
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

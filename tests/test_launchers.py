@@ -13,11 +13,12 @@ import pytest
 
 PROBE = """
 import torch, torch.distributed as dist
-from ds_moekd.dist import init_distributed
+from ds_moekd.dist import init_distributed, shutdown
 info = init_distributed()
 total = torch.tensor([info.rank + 1.0])
 dist.all_reduce(total)
 print(f"PROBE rank={info.rank} world={info.world_size} source={info.source} sum={int(total.item())}", flush=True)
+shutdown()
 """
 
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.data.formats import FORMATS, load_eval_data
-from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed
+from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
@@ -177,4 +177,7 @@ def _summary_line(results: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutdown()

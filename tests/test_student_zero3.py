@@ -185,3 +185,30 @@ def test_zero3_student_from_repo_config_learns_a_fixed_batch(rank_pool2, tmp_pat
     assert results[0]["stage"] == 3
     assert results[0]["changed"] == results[0]["n_params"]
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def _load_partitioned(model_dir):
+    import deepspeed
+
+    from ds_moekd.student.engine import _load_student
+
+    init_distributed()
+    ds_config = {"train_micro_batch_size_per_gpu": 1,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    model = _load_student(model_dir, ds_config, torch.float32)
+    held = [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in model.parameters()]
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        full = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return held, full
+
+
+def test_zero3_student_loads_only_its_partition(rank_pool2, tmp_path):
+    model_dir = tmp_path / "student"
+    reference = tiny_llama(0)
+    reference.save_pretrained(model_dir)
+    results = rank_pool2.run(_load_partitioned, model_dir)
+    for held, full in results:
+        assert all(placeholder == 0 for placeholder, _, _ in held)  # nothing whole on any rank
+        assert sum(local for _, local, _ in held) < 0.6 * sum(total for _, _, total in held)
+        for name, tensor in reference.state_dict().items():
+            torch.testing.assert_close(full[name], tensor, msg=name)  # the checkpoint's values, gathered

@@ -9,6 +9,7 @@ from pathlib import Path
 import deepspeed
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
 
 from ds_moekd.config import OptimConfig, RunConfig
 from ds_moekd.dist import init_distributed
@@ -63,7 +64,7 @@ def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int):
     init_distributed()  # idempotent; DeepSpeed needs its comm layer before initialize
     ds_config = load_deepspeed_config(cfg.student.deepspeed_config, cfg, world_size)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    model = _load_student(model_path, ds_config, dtype)
     model.config.use_cache = False  # training forward; generation turns it back on
     has_ds_optimizer = "optimizer" in ds_config
     optimizer = None
@@ -78,6 +79,17 @@ def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int):
         config=ds_config,
     )
     return engine
+
+
+def _load_student(model_path: Path, ds_config: dict, dtype: torch.dtype):
+    """With ZeRO-3 the model is built under `deepspeed.zero.Init` (transformers does so while an
+    HfDeepSpeedConfig is alive): each rank materialises only its partition, so a student larger
+    than one device still loads. The config object is dropped right after, so later
+    `from_pretrained` calls (validation replicas, reports) load whole models again."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers holds a weak reference
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
 
 
 def partitioned_parameter_counts(engine) -> tuple[int, int]:

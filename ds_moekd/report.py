@@ -14,35 +14,35 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.config import RunConfig
-from ds_moekd.data.formats import load_eval_data
-from ds_moekd.data.template import alpaca_prompt
-from ds_moekd.eval.generate import generate_responses
-from ds_moekd.eval.metrics import exact_match, rouge_l
+from ds_moekd.data.formats import EvalData, load_eval_data
+from ds_moekd.eval.runner import EvalSettings, evaluate
 from ds_moekd.telemetry import moving_average, read_metrics
 
 
-def score_model(model_dir: Path, records, max_new_tokens: int) -> dict:
-    """Greedy decoding on held-out records: strict exact match and ROUGE-L (both x100)."""
+def score_model(model_dir: Path, data: EvalData, max_new_tokens: int, max_prompt_tokens: int) -> dict:
+    """Greedy decoding on held-out records through the eval pipeline: strict exact match, ROUGE-L."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    prompts = [alpaca_prompt(r.instruction, r.input) for r in records]
-    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=64)
-    n = len(records)
+    settings = EvalSettings(greedy=True, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                            batch_size=64)
+    result = evaluate(model, tokenizer, data, settings, progress=False)
     return {
-        "examples": n,
-        "exact_match": sum(exact_match(p, r.references, strict=True) for p, r in zip(predictions, records)) / n,
-        "rouge_l": sum(rouge_l(p, r.references) for p, r in zip(predictions, records)) / n,
+        "examples": result["counts"]["evaluated"],
+        "exact_match": result["exact_match_strict"]["mean"],
+        "rouge_l": result["rouge_l"]["mean"],
     }
 
 
 def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
     eval_file = cfg.report.eval_file or cfg.data.valid_file
-    records = load_eval_data(str(resolve_path(eval_file)), format=cfg.data.format).records[: cfg.report.eval_examples]
+    data = load_eval_data(str(resolve_path(eval_file)), format=cfg.data.format)
+    data = EvalData(data.records[: cfg.report.eval_examples], data.format, data.source)
+    args = (data, cfg.report.max_new_tokens, cfg.data.max_prompt_tokens)
     return {
         "data": eval_file,
         "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",
-        "before": score_model(before_dir, records, cfg.report.max_new_tokens),
-        "after": score_model(after_dir, records, cfg.report.max_new_tokens),
+        "before": score_model(before_dir, *args),
+        "after": score_model(after_dir, *args),
     }
 
 

@@ -65,8 +65,9 @@ class KDConfig:
     ce_weight: float = 0.5  # word-level KD: 0.5 CE + 0.5 KL(p||q) (paper's setting)
     kl_weight: float = 0.5
     temperature: float = 1.0
-    token_chunk: int = 0  # 0 = all tokens at once; >0 bounds the fp32 working set to chunk x vocab
+    token_chunk: int = 1024  # tokens per loss chunk: bounds the fp32 working set to chunk x vocab (0 = all at once)
     loss_backend: str = "auto"  # divergence kernels (ds_moekd.kernels): auto, torch, triton
+    fused_head: bool = True  # student (and teacher) logits formed chunk by chunk inside the loss, never whole
 
 
 @dataclass(frozen=True, kw_only=True)

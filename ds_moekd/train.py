@@ -29,34 +29,69 @@ from ds_moekd.student.engine import build_student_engine
 from ds_moekd.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
 
 
-def response_logits(logits_BTV: torch.Tensor, batch: Batch, vocab: int) -> torch.Tensor:
-    """Logits at positions that predict response tokens, `[N, vocab]` (padded rows dropped)."""
-    return logits_BTV[:, :-1][batch.loss_mask.bool()][:, :vocab]
+def response_rows(x_BSD: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Rows of `x` (logits or hidden states) at positions that predict response tokens, `[N, D]`."""
+    return x_BSD[:, :-1][batch.loss_mask.bool()]
 
 
-def train_step(engine, teacher, method, micro_batches: list[Batch], groups: ParallelGroups, vocab: int, watch):
+def no_logits(batch: Batch) -> torch.Tensor:
+    """`logits_to_keep` value that makes a Hugging Face causal LM skip its lm_head (no positions)."""
+    return torch.empty(0, dtype=torch.long, device=batch.input_ids.device)
+
+
+def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool):
+    """The teacher's side of the divergence at response positions: `[N, vocab]` logits, or for the
+    fused head a (final hidden states `[N, H]`, lm_head weight `[vocab, H]`) pair, so the teacher's
+    logits are formed one token chunk at a time as well."""
+    if not fused:
+        return response_rows(teacher(batch.input_ids, attention_mask=batch.attention_mask).logits, batch)[:, :vocab]
+    out = teacher(
+        batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=no_logits(batch)
+    )
+    return response_rows(out.hidden_states[-1], batch), teacher.get_output_embeddings().weight[:vocab]
+
+
+def student_loss(engine, method, batch: Batch, teacher, vocab: int, chunk: int):
+    """(loss summed over this micro-batch's response tokens, {part: sum}) of the student, through the
+    fused lm_head head when one is attached (`kd_head`, losses/fused.py), else on full logits."""
+    targets = batch.targets[batch.loss_mask.bool()]
+    head = getattr(engine.module, "kd_head", None)
+    if head is None:
+        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return method.terms.on_logits(response_rows(logits, batch)[:, :vocab], teacher, targets, chunk)
+    out = engine(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        output_hidden_states=True,
+        logits_to_keep=no_logits(batch),
+    )
+    return head(response_rows(out.hidden_states[-1], batch), teacher, targets)
+
+
+def train_step(
+    engine, teacher, method, micro_batches: list[Batch], groups: ParallelGroups, vocab: int, watch, chunk: int = 0
+):
     """One optimizer step over this rank's micro-batches; returns (loss share, loss parts share).
 
     Each returned value is this rank's share of the global mean: summing it over ranks gives the
-    loss of the whole global batch.
+    loss of the whole global batch. `chunk` bounds the divergence's fp32 working set on full logits.
     """
     global_tokens = global_token_count([b.loss_mask for b in micro_batches], groups)
     scale = backward_scale(groups, len(micro_batches))
+    fused = hasattr(engine.module, "kd_head")
     loss_sum, parts_sum = 0.0, {}
     for batch in micro_batches:
-        teacher_logits = None
+        scores = None
         if teacher is not None:
             with watch.time("teacher_s"), torch.no_grad():
-                out = teacher(batch.input_ids, attention_mask=batch.attention_mask)
-                teacher_logits = response_logits(out.logits, batch, vocab)
+                scores = teacher_scores(teacher, batch, vocab, fused)
         with watch.time("student_s"):
-            out = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            targets = batch.targets[batch.loss_mask.bool()]
-            loss, parts = method.loss(response_logits(out.logits, batch, vocab), teacher_logits, targets, global_tokens)
+            loss, parts = student_loss(engine, method, batch, scores, vocab, chunk)
+            loss = loss / global_tokens
             engine.backward(loss * scale)
             engine.step()
         loss_sum += loss.item()
-        parts_sum = {k: parts_sum.get(k, 0.0) + v for k, v in parts.items()}
+        parts_sum = {k: parts_sum.get(k, 0.0) + v.item() / global_tokens for k, v in parts.items()}
     return loss_sum, parts_sum
 
 
@@ -105,6 +140,18 @@ def load_teacher(cfg: RunConfig, groups: ParallelGroups):
     return MoETeacher.from_pretrained(resolve_path(cfg.teacher.path), groups=groups, dtype=dtype)
 
 
+def fused_head(cfg: RunConfig, method, vocab: int):
+    """What attaches the fused lm_head + loss head to the student before DeepSpeed wraps it (None:
+    the loss runs on full logits)."""
+    if not cfg.kd.fused_head:
+        return None
+    from ds_moekd.losses.fused import attach_fused_loss_head
+
+    return lambda model: attach_fused_loss_head(
+        model, vocab=vocab, terms=method.terms, chunk=cfg.kd.token_chunk, backend=cfg.kd.loss_backend
+    )
+
+
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
     check_paths_exist(cfg)
@@ -145,7 +192,7 @@ def train(cfg: RunConfig) -> dict:
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups) if method.needs_teacher else None
     with phase("student engine"):
-        engine = build_student_engine(student_path, cfg, groups.world_size)
+        engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab))
     ckpt_dir = run_dir / "checkpoints"
     start_step = resume_from_checkpoint(engine, ckpt_dir) if cfg.train.resume else 0
     gas = cfg.train.gradient_accumulation_steps
@@ -159,7 +206,8 @@ def train(cfg: RunConfig) -> dict:
     for step in progress:
         step_start, watch = time.perf_counter(), Stopwatch()
         micro_batches = [next(batches) for _ in range(gas)]
-        loss_sum, parts_sum = train_step(engine, teacher, method, micro_batches, groups, vocab, watch)
+        loss_sum, parts_sum = train_step(engine, teacher, method, micro_batches, groups, vocab, watch,
+                                         cfg.kd.token_chunk)
         record = step_record(step + 1, engine, groups, micro_batches, loss_sum, parts_sum, watch,
                              time.perf_counter() - step_start)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:

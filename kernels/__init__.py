@@ -12,6 +12,7 @@ Entry points (backend "auto" | torch | triton | torch_grouped_mm | megablocks, s
   dense_experts     dense all-expert path with per-token gate weights (ALL / SAR / KA)
   moe_experts       routing (ids, weights) in, output out: permute → grouped → un-permute, or dense
   lm_head_divergence  chunked fused lm_head + forward KL / reverse KL / generalised JSD
+  lm_head_loss        the same plus cross-entropy on the targets, weighted, in one pass (training)
   divergence        the same divergences on logits already formed
 """
 
@@ -23,6 +24,7 @@ from .dispatch import (
     divergence,
     grouped_experts,
     lm_head_divergence,
+    lm_head_loss,
     moe_experts,
     unavailable_reason,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "grouped_experts",
     "grouped_swiglu_reference",
     "lm_head_divergence",
+    "lm_head_loss",
     "moe_experts",
     "unavailable_reason",
 ]

@@ -19,7 +19,7 @@ import torch
 
 from . import grouped
 from .dense import dense_swiglu
-from .divergence import fused_lm_head_divergence, logits_divergence
+from .divergence import fused_lm_head_divergence, fused_lm_head_loss, logits_divergence
 from .permute import permute_tokens, sort_by_expert, unpermute_tokens
 
 logger = logging.getLogger("ds_moekd.kernels")
@@ -169,6 +169,38 @@ def lm_head_divergence(
         kind=kind,
         beta=beta,
         temperature=temperature,
+        chunk=chunk,
+        use_triton=backend == "triton",
+    )
+
+
+def lm_head_loss(
+    hidden_NH,
+    weight_VH,
+    teacher,
+    targets_N=None,
+    *,
+    kind="forward_kl",
+    beta=0.5,
+    temperature=1.0,
+    ce_weight=0.0,
+    div_weight=1.0,
+    chunk=1024,
+    backend="auto",
+):
+    """`fused_lm_head_loss` (CE + divergence in one pass over lm_head) with the row kernel chosen like
+    `lm_head_divergence`; returns (weighted loss, CE sum, divergence sum)."""
+    backend = _loss_backend("lm_head_loss", hidden_NH.device, hidden_NH.dtype, backend)
+    return fused_lm_head_loss(
+        hidden_NH,
+        weight_VH,
+        teacher,
+        targets_N,
+        kind=kind,
+        beta=beta,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        div_weight=div_weight,
         chunk=chunk,
         use_triton=backend == "triton",
     )

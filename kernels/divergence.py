@@ -1,8 +1,9 @@
-"""Chunked fused `lm_head` + divergence: the loss and its gradients without full `[N, V]` logits.
+"""Chunked fused `lm_head` + loss: CE and a divergence with their gradients, without `[N, V]` logits.
 
-For each chunk of tokens: logits = h @ Wᵀ, per-row divergence and d loss / d logits (one row kernel,
-torch or Triton), then d h = d logits @ W and d W += d logitsᵀ @ h. The gradients are computed in the
-forward pass (as in fused linear cross-entropy kernels), so only a `chunk × V` slab ever exists.
+For each chunk of tokens: logits = h @ Wᵀ, per-row CE and divergence with d loss / d logits (the
+divergence row kernel in torch or Triton, CE in torch on the same slab), then d h = d logits @ W and
+d W += d logitsᵀ @ h. The gradients are computed in the forward pass (as in fused linear
+cross-entropy kernels), so only a `chunk × V` slab ever exists.
 
 With z = logits / T, q = softmax(z_student), p = softmax(z_teacher), per token:
   forward_kl  KL(p‖q)                         d/dz = q − p
@@ -92,12 +93,26 @@ def _check(kind: str, beta: float) -> None:
         raise ValueError(f"divergence: jsd needs 0 < beta < 1, got {beta} (use the KLs at 0 or 1)")
 
 
-class _FusedLMHeadDivergence(torch.autograd.Function):
+def _cross_entropy_rows(logits_nV: torch.Tensor, targets_n: torch.Tensor):
+    """(−log q(target) per row [n] fp32, its gradient softmax − onehot [n, V] fp32); always at T = 1."""
+    log_q = F.log_softmax(logits_nV.float(), dim=-1)
+    loss = -log_q.gather(1, targets_n[:, None]).squeeze(1)
+    grad = log_q.exp_()
+    grad[torch.arange(len(targets_n), device=grad.device), targets_n] -= 1.0
+    return loss, grad
+
+
+class _FusedLMHeadLoss(torch.autograd.Function):
+    """Outputs (ce_weight·CE + div_weight·divergence, CE, divergence), each summed over tokens; only
+    the first is differentiable. Both gradients are formed chunk by chunk in the forward pass."""
+
     @staticmethod
-    def forward(ctx, hidden_NH, weight_VH, teacher, kind, beta, temperature, chunk, use_triton):
+    def forward(ctx, hidden_NH, weight_VH, teacher, targets_N, terms, chunk, use_triton):
+        kind, beta, temperature, ce_weight, div_weight = terms
         n = hidden_NH.shape[0]
         step = n if chunk <= 0 else chunk
-        total = torch.zeros((), device=hidden_NH.device, dtype=torch.float32)
+        ce_sum = torch.zeros((), device=hidden_NH.device, dtype=torch.float32)
+        div_sum = torch.zeros((), device=hidden_NH.device, dtype=torch.float32)
         grad_h = torch.empty_like(hidden_NH) if ctx.needs_input_grad[0] else None
         grad_w = (
             torch.zeros(weight_VH.shape, device=weight_VH.device, dtype=torch.float32)
@@ -106,12 +121,19 @@ class _FusedLMHeadDivergence(torch.autograd.Function):
         )
         for start in range(0, n, step):
             s = slice(start, min(start + step, n))
-            logits = hidden_NH[s] @ weight_VH.t()
             with torch.no_grad():
-                loss_n, grad_logits = _rows(
-                    logits, _teacher_chunk(teacher, s).detach(), kind, beta, temperature, use_triton
-                )
-            total += loss_n.sum()
+                logits = hidden_NH[s] @ weight_VH.t()
+                grad_logits = 0.0
+                if targets_N is not None:
+                    loss_n, grad_ce = _cross_entropy_rows(logits, targets_N[s])
+                    ce_sum += loss_n.sum()
+                    grad_logits = grad_ce.mul_(ce_weight)
+                if teacher is not None:
+                    loss_n, grad_div = _rows(
+                        logits, _teacher_chunk(teacher, s).detach(), kind, beta, temperature, use_triton
+                    )
+                    div_sum += loss_n.sum()
+                    grad_logits = grad_div.mul_(div_weight).add_(grad_logits)
             if grad_h is not None:
                 grad_h[s] = (grad_logits.to(weight_VH.dtype) @ weight_VH).to(hidden_NH.dtype)
             if grad_w is not None:
@@ -119,14 +141,48 @@ class _FusedLMHeadDivergence(torch.autograd.Function):
         ctx.save_for_backward(*(g for g in (grad_h, grad_w) if g is not None))
         ctx.has = (grad_h is not None, grad_w is not None)
         ctx.weight_dtype = weight_VH.dtype
-        return total
+        ctx.mark_non_differentiable(ce_sum, div_sum)
+        return ce_weight * ce_sum + div_weight * div_sum, ce_sum, div_sum
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_total, _grad_ce, _grad_div):
         saved = list(ctx.saved_tensors)
-        grad_h = saved.pop(0) * grad_total.to(saved[0].dtype) if ctx.has[0] else None
-        grad_w = (saved.pop(0) * grad_total).to(ctx.weight_dtype) if ctx.has[1] else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        grad_h = grad_w = None
+        if ctx.has[0]:
+            grad_h = saved.pop(0)
+            grad_h = grad_h * grad_total.to(grad_h.dtype)
+        if ctx.has[1]:
+            grad_w = (saved.pop(0) * grad_total).to(ctx.weight_dtype)
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def fused_lm_head_loss(
+    hidden_NH: torch.Tensor,
+    weight_VH: torch.Tensor,
+    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
+    targets_N: torch.Tensor | None = None,
+    *,
+    kind: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    div_weight: float = 1.0,
+    chunk: int = 1024,
+    use_triton: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ce_weight·CE + div_weight·D, CE, D) summed over the N tokens, with q = softmax(hidden @ weightᵀ):
+    CE = −log q(target) (at T = 1; needs `targets_N`), D the divergence `kind` between the teacher
+    and q at `temperature` (needs `teacher`). Differentiable in hidden and weight through the first.
+
+    `teacher` is `[N, V]` logits (any dtype) or a (hidden `[N, H_t]`, lm_head weight `[V, H_t]`) pair,
+    whose logits are then also formed one chunk at a time; None scores CE alone.
+    """
+    _check(kind, beta)
+    if teacher is None and targets_N is None:
+        raise ValueError("fused_lm_head_loss: give the teacher, the targets or both")
+    terms = (kind, beta, temperature, ce_weight if targets_N is not None else 0.0,
+             div_weight if teacher is not None else 0.0)
+    return _FusedLMHeadLoss.apply(hidden_NH, weight_VH, teacher, targets_N, terms, chunk, use_triton)
 
 
 def fused_lm_head_divergence(
@@ -140,12 +196,10 @@ def fused_lm_head_divergence(
     chunk: int = 1024,
     use_triton: bool = False,
 ) -> torch.Tensor:
-    """Sum over the N tokens of the divergence between the teacher and softmax(hidden @ weightᵀ).
-
-    `teacher` is `[N, V]` logits (any dtype) or a (hidden `[N, H_t]`, lm_head weight `[V, H_t]`) pair,
-    whose logits are then also formed one chunk at a time. Differentiable in hidden and weight.
-    """
-    _check(kind, beta)
-    return _FusedLMHeadDivergence.apply(
-        hidden_NH, weight_VH, teacher, kind, beta, temperature, chunk, use_triton
+    """The divergence term of `fused_lm_head_loss` alone: sum over the N tokens of the divergence
+    between the teacher and softmax(hidden @ weightᵀ); differentiable in hidden and weight."""
+    loss, _, _ = fused_lm_head_loss(
+        hidden_NH, weight_VH, teacher, kind=kind, beta=beta, temperature=temperature, chunk=chunk,
+        use_triton=use_triton,
     )
+    return loss

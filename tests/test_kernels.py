@@ -120,6 +120,28 @@ def test_dense_experts_give_gate_gradients_for_every_expert(backend):
     assert g_new.grad[2, 1].abs() > 0
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_dense_experts_in_token_blocks_match_reference_across_block_edges(backend, monkeypatch):
+    from ds_moekd.kernels import dense
+
+    monkeypatch.setattr(dense, "CPU_TOKEN_CHUNK", 5)  # 13 tokens: blocks of 5, 5 and a ragged 3
+    assert [(s.start, s.stop) for s in dense._token_blocks(13, torch.device("cpu"))] == [(0, 5), (5, 10), (10, 13)]
+    w_gate_up, w_down = experts(num_experts=3, hidden=16, inter=24)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(13, 16, generator=g)
+    gates = torch.softmax(torch.randn(13, 3, generator=g), -1)
+    grad_y = torch.randn(13, 16, generator=g)  # a different weight per row: a shifted block would show
+    x_ref, g_ref = x.clone().requires_grad_(), gates.clone().requires_grad_()
+    x_new, g_new = x.clone().requires_grad_(), gates.clone().requires_grad_()
+    y_ref = dense_swiglu_reference(x_ref, g_ref, w_gate_up, w_down)
+    y_new = dense_experts(x_new, g_new, w_gate_up, w_down, backend=backend)
+    close(y_new, y_ref, 1e-5)
+    y_ref.backward(grad_y)
+    y_new.backward(grad_y)
+    close(x_new.grad, x_ref.grad, 1e-5)
+    close(g_new.grad, g_ref.grad, 1e-5)
+
+
 def test_permute_and_unpermute_triton_match_torch():
     from ds_moekd.kernels.permute import permute_tokens, sort_by_expert, unpermute_tokens
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from ds_moekd.config import (
 )
 from ds_moekd.data.batching import TokenizedExample, collate
 from ds_moekd.dist import ParallelGroups, init_distributed
+from ds_moekd.losses.fused import attach_fused_loss_head
 from ds_moekd.methods import build_method
 from ds_moekd.student.engine import build_student_engine, partitioned_parameter_counts
 from ds_moekd.telemetry import Stopwatch
@@ -63,16 +63,6 @@ def run_config(model_dir, method: str, gas: int, lr: float = 0.05) -> RunConfig:
     )
 
 
-class FrozenTeacher:
-    """Any model returning `.logits` serves as the teacher for these student-side tests."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, input_ids, attention_mask=None):
-        return SimpleNamespace(logits=self.model(input_ids=input_ids, attention_mask=attention_mask).logits)
-
-
 def sgd_engine(model, gas: int, lr: float):
     import deepspeed
 
@@ -99,19 +89,23 @@ def full_params(engine) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
 
 
-def _kd_step_on_rank(student_state, teacher_state, batches_per_rank, method, lr):
+def _kd_step_on_rank(student_state, teacher_state, batches_per_rank, method, lr, fused):
     rank = dist.get_rank()
     groups = ParallelGroups.create(ep_size=1)
     student, teacher = tiny_llama(0), tiny_llama(1)
     student.load_state_dict(student_state)
     teacher.load_state_dict(teacher_state)
     micro_batches = batches_per_rank[rank]
-    engine = sgd_engine(student, gas=len(micro_batches), lr=lr)
     cfg = run_config("unused", method, gas=len(micro_batches))
-    loss_share, _ = train_step(engine, FrozenTeacher(teacher), build_method(cfg), micro_batches, groups,
-                               VOCAB, Stopwatch())
+    if fused:  # chunks of 3 tokens: the chunk boundaries fall inside sequences
+        attach_fused_loss_head(student, vocab=VOCAB, terms=build_method(cfg).terms, chunk=3, backend="torch")
+    engine = sgd_engine(student, gas=len(micro_batches), lr=lr)
+    teacher = teacher if method != "sft" else None  # any HF causal LM serves as the teacher here
+    loss_share, parts_share = train_step(engine, teacher, build_method(cfg), micro_batches, groups, VOCAB,
+                                         Stopwatch(), chunk=3)
     local, total = partitioned_parameter_counts(engine)
-    return {"loss_share": loss_share, "params": full_params(engine), "local": local, "total": total}
+    return {"loss_share": loss_share, "parts_share": parts_share, "params": full_params(engine), "local": local,
+            "total": total}
 
 
 def reference_step(student_state, teacher_state, batches, method, lr):
@@ -129,25 +123,34 @@ def reference_step(student_state, teacher_state, batches, method, lr):
         kl_sum = kl_sum + F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
         count += int(mask.sum())
     loss = ce_sum / count if method == "sft" else 0.5 * ce_sum / count + 0.5 * kl_sum / count
+    parts = {"ce": ce_sum.item() / count} if method == "sft" else {"ce": ce_sum.item() / count, "kl": kl_sum.item() / count}
     loss.backward()
     with torch.no_grad():
         for p in student.parameters():
             p -= lr * p.grad
-    return loss.item(), {n: p.detach() for n, p in student.named_parameters()}
+    return loss.item(), parts, {n: p.detach() for n, p in student.named_parameters()}
 
 
-@pytest.mark.parametrize("method,gas", [("kd", 1), ("kd", 2), ("sft", 2)])
-def test_two_rank_step_equals_one_rank_step_on_the_concatenated_batch(rank_pool2, method, gas):
+@pytest.mark.parametrize(
+    "method,gas,fused", [("kd", 1, False), ("kd", 2, False), ("sft", 2, False), ("kd", 2, True), ("sft", 1, True)]
+)
+def test_two_rank_step_equals_one_rank_step_on_the_concatenated_batch(rank_pool2, method, gas, fused):
+    """fused: the loss runs through the fused lm_head head (teacher as a hidden-state/lm_head pair),
+    with the student's lm_head partitioned by ZeRO-3; the step must equal the full-logits reference."""
     student_state = tiny_llama(0).state_dict()
     teacher_state = tiny_llama(1).state_dict()
     # rank 0: micro-batches of 3 and 1 sequences; rank 1: 2 and 2 (different lengths too)
     sizes = {0: [3, 1], 1: [2, 2]} if gas == 2 else {0: [3], 1: [1]}
     batches = {r: make_batches(10 + r, sizes[r]) for r in (0, 1)}
     lr = 0.05
-    results = rank_pool2.run(_kd_step_on_rank, student_state, teacher_state, batches, method, lr)
-    ref_loss, ref_params = reference_step(student_state, teacher_state, batches[0] + batches[1], method, lr)
+    results = rank_pool2.run(_kd_step_on_rank, student_state, teacher_state, batches, method, lr, fused)
+    ref_loss, ref_parts, ref_params = reference_step(student_state, teacher_state, batches[0] + batches[1], method,
+                                                     lr)
 
     assert sum(r["loss_share"] for r in results) == pytest.approx(ref_loss, rel=1e-5)
+    assert set(results[0]["parts_share"]) == set(ref_parts)
+    for name, value in ref_parts.items():
+        assert sum(r["parts_share"][name] for r in results) == pytest.approx(value, rel=1e-5), name
     before = tiny_llama(0).state_dict()
     for name, expected in ref_params.items():
         assert not torch.equal(expected, before[name]) or name.endswith("norm.weight")

@@ -100,3 +100,23 @@ def test_generation_never_picks_padded_vocabulary_rows(checkpoints):
     limit = int(first.min())  # at least one row's favourite token falls outside the limit
     limited = teacher.generate(ids, max_new_tokens=4, vocab_limit=limit)[:, 5:]
     assert limit > 0 and int(limited.max()) < limit
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "llama_moe"])
+def test_fused_head_teacher_scores_are_its_response_logits(checkpoints, name):
+    """For the fused loss the teacher hands over (final hidden states, lm_head) instead of logits:
+    the pair must give exactly its logits at the response positions (a vocabulary cut included)."""
+    from ds_moekd.data.batching import TokenizedExample, collate
+    from ds_moekd.train import teacher_scores
+
+    teacher = MoETeacher.from_pretrained(checkpoints[name])
+    g = torch.Generator().manual_seed(3)
+    examples = [TokenizedExample(torch.randint(0, VOCAB, (p,), generator=g).tolist(),
+                                 torch.randint(0, VOCAB, (r,), generator=g).tolist()) for p, r in ((3, 4), (5, 2))]
+    batch = collate(examples, pad_token_id=0)
+    vocab = VOCAB - 3
+    with torch.no_grad():
+        logits = teacher_scores(teacher, batch, vocab, fused=False)
+        hidden, weight = teacher_scores(teacher, batch, vocab, fused=True)
+    assert logits.shape == (6, vocab) and weight.shape[0] == vocab
+    torch.testing.assert_close(hidden @ weight.t(), logits, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""`ds-moekd bench {moe-layer, teacher} ...`"""
+"""`ds-moekd bench {moe-layer, teacher, loss} ...`"""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import sys
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"moe-layer": "ds_moekd.bench.moe_layer", "teacher": "ds_moekd.bench.teacher"}
+    commands = {
+        "moe-layer": "ds_moekd.bench.moe_layer",
+        "teacher": "ds_moekd.bench.teacher",
+        "loss": "ds_moekd.bench.loss",
+    }
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: ds-moekd bench {{{', '.join(commands)}}} [--help]")
     import importlib

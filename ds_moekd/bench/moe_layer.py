@@ -19,6 +19,7 @@ from ds_moekd.kernels import moe_experts
 from ds_moekd.kernels.dispatch import DENSE_FRACTION, choose_backend
 
 from .implementations import NotMeasured, implementations
+from .options import parse_with_run_options
 from .presets import PRESETS, experts_per_token
 from .timing import device_name, time_ms
 
@@ -140,32 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--routing", choices=["native", "all", "ka"], default="native")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens (per draw for --routing ka)")
     parser.add_argument("--ka-draws", type=int, default=2)
-    parser.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float16", "float32"],
-        default=None,
-        help="default: bfloat16 on a GPU, float32 on CPU",
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    args = parser.parse_args(argv)
+    args, opts = parse_with_run_options(parser, argv, gpu_warmup=3)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
     result = run(
-        args.preset,
-        args.routing,
-        args.tokens,
-        args.ka_draws,
-        dtype,
-        device,
-        args.warmup if args.warmup is not None else (3 if on_gpu else 1),
-        args.iters if args.iters is not None else (10 if on_gpu else 3),
+        args.preset, args.routing, args.tokens, args.ka_draws, opts.dtype, opts.device, opts.warmup, opts.iters
     )
     print(format_table(result))
     if args.json:

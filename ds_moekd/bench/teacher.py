@@ -18,6 +18,7 @@ from torch import nn
 from ds_moekd.kernels import moe_experts
 
 from .moe_layer import _versions
+from .options import parse_with_run_options
 from .presets import PRESETS, experts_per_token
 from .timing import device_name, time_ms
 
@@ -124,15 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    args, opts = parse_with_run_options(parser, argv, gpu_warmup=2)
     result = run(
         args.preset,
         args.routing,
@@ -141,10 +135,10 @@ def main(argv: list[str] | None = None) -> None:
         args.layers,
         args.vocab,
         args.heads,
-        device,
-        dtype,
-        args.warmup if args.warmup is not None else (2 if on_gpu else 1),
-        args.iters if args.iters is not None else (10 if on_gpu else 3),
+        opts.device,
+        opts.dtype,
+        opts.warmup,
+        opts.iters,
     )
     print(json.dumps(result, indent=1))
     if args.json:

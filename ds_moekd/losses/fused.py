@@ -1,10 +1,10 @@
-"""Student-side fused `lm_head` + divergence: the full fp32 `[tokens, vocab]` logits never exist.
+"""Student-side fused `lm_head` + loss: the `[tokens, vocab]` logits never exist in full.
 
-`FusedDivergenceHead` is a weightless module attached to the student before `deepspeed.initialize`.
-It scores the student's final hidden states through `lm_head`'s weight, which it registers as a
-ZeRO-3 *external parameter*: DeepSpeed then gathers the partitioned weight for the head's forward
-and again for its backward, and the weight's gradient reaches the parameter and ZeRO's
-reduce-scatter like any other. (The fused forward computes the gradients as it goes,
+`FusedLossHead` is a weightless module attached to the student (as `kd_head`) before
+`deepspeed.initialize`. It scores the student's final hidden states through `lm_head`'s weight,
+which it registers as a ZeRO-3 *external parameter*: DeepSpeed then gathers the partitioned weight
+for the head's forward and again for its backward, and the weight's gradient reaches the parameter
+and ZeRO's reduce-scatter like any other. (The fused forward computes the gradients as it goes,
 ds_moekd.kernels.divergence.) Without ZeRO-3 the registration does nothing.
 """
 
@@ -13,52 +13,52 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ds_moekd.kernels import lm_head_divergence
+from ds_moekd.kernels import lm_head_loss
+from ds_moekd.losses.objective import LossTerms
 
 
-class FusedDivergenceHead(nn.Module):
-    def __init__(
-        self,
-        lm_head: nn.Linear,
-        *,
-        vocab: int,
-        kind: str,
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        chunk: int = 1024,
-        backend: str = "auto",
-    ):
+class FusedLossHead(nn.Module):
+    def __init__(self, lm_head: nn.Linear, *, vocab: int, terms: LossTerms, chunk: int = 1024, backend: str = "auto"):
         super().__init__()
         # a tuple, not a submodule: the student's state dict (and its HF export) stay unchanged
         self._lm_head = (lm_head,)
-        self.vocab, self.kind, self.beta = vocab, kind, beta
-        self.temperature, self.chunk, self.backend = temperature, chunk, backend
+        self.vocab, self.terms, self.chunk, self.backend = vocab, terms, chunk, backend
         from deepspeed.runtime.zero import register_external_parameter
 
         register_external_parameter(self, lm_head.weight)
 
-    def forward(self, hidden_NH: torch.Tensor, teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor]):
-        """Sum over the N response tokens of the divergence between the teacher (`[N, V]` logits or
-        a (hidden, lm_head weight) pair) and softmax(hidden @ lm_head[:vocab]ᵀ); rows of a padded
-        vocabulary past the tokenizer's `vocab` are never scored."""
-        weight = self._lm_head[0].weight
-        return lm_head_divergence(
+    def forward(
+        self,
+        hidden_NH: torch.Tensor,
+        teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
+        targets_N: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`LossTerms.on_logits` of softmax(hidden @ lm_head[:vocab]ᵀ) without forming those logits.
+
+        `teacher` is `[N, V]` logits or a (hidden, lm_head weight) pair (then its logits are formed
+        one chunk at a time too); rows of a padded vocabulary past the tokenizer's `vocab` are never
+        scored. Returns (weighted loss summed over the N tokens, {part: its sum, detached})."""
+        t = self.terms
+        loss, ce, div = lm_head_loss(
             hidden_NH,
-            weight[: self.vocab],
-            teacher,
-            kind=self.kind,
-            beta=self.beta,
-            temperature=self.temperature,
+            self._lm_head[0].weight[: self.vocab],
+            teacher if t.divergence is not None else None,
+            targets_N,
+            kind=t.divergence or "forward_kl",
+            beta=t.beta,
+            temperature=t.temperature,
+            ce_weight=t.ce_weight,
+            div_weight=t.div_weight,
             chunk=self.chunk,
             backend=self.backend,
         )
+        parts = {"ce": ce} if t.divergence is None else {"ce": ce, t.div_name: div}
+        return loss, parts
 
 
-def attach_fused_divergence_head(model: nn.Module, **kwargs) -> FusedDivergenceHead:
+def attach_fused_loss_head(model: nn.Module, **kwargs) -> FusedLossHead:
     """Add the head to `model` (as `kd_head`) so a ZeRO-3 engine built on `model` hooks it; call before
-    `deepspeed.initialize`. kwargs: vocab, kind, beta, temperature, chunk, backend."""
-    head = FusedDivergenceHead(
-        model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head, **kwargs
-    )
+    `deepspeed.initialize`. kwargs: vocab, terms, chunk, backend."""
+    head = FusedLossHead(model.get_output_embeddings(), **kwargs)
     model.add_module("kd_head", head)
     return head

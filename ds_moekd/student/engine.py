@@ -59,13 +59,16 @@ def warmup_cosine(optim: OptimConfig, total_steps: int):
     return factor
 
 
-def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int):
-    """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON)."""
+def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prepare_model=None):
+    """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON); `prepare_model`
+    (model -> None) runs in between, e.g. to attach the fused loss head (losses/fused.py)."""
     init_distributed()  # idempotent; DeepSpeed needs its comm layer before initialize
     ds_config = load_deepspeed_config(cfg.student.deepspeed_config, cfg, world_size)
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     model = _load_student(model_path, ds_config, dtype)
     model.config.use_cache = False  # training forward; generation turns it back on
+    if prepare_model is not None:
+        prepare_model(model)
     has_ds_optimizer = "optimizer" in ds_config
     optimizer = None
     if not has_ds_optimizer:

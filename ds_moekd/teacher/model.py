@@ -115,12 +115,14 @@ class MoETeacher(nn.Module):
         *,
         cache=None,
         output_hidden_states: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
         return_gate_diagnostics: bool = False,
     ):
         """Logits of `input_ids [B, S]` under `routing` (None: the family's native top-k).
 
         Returns transformers' causal-LM output (`.logits [B, S, V]`); with `output_hidden_states`
-        also `.last_hidden_state [B, S, H]` (after the final norm, the input of lm_head); with
+        also `.last_hidden_state [B, S, H]` (after the final norm, the input of lm_head);
+        `logits_to_keep` is transformers' (0: every position; an empty index tensor: none); with
         `return_gate_diagnostics` also `.gate_diagnostics`, one `GateDiagnostics` per MoE layer.
 
         Keys of counter-based routing randomness: `sequence_index [B]` is each row's global index
@@ -157,6 +159,7 @@ class MoETeacher(nn.Module):
                 cache=cache,
                 use_cache=cache is not None,
                 output_hidden_states=output_hidden_states,
+                logits_to_keep=logits_to_keep,
             )
         finally:
             for block in self._moe_blocks:
@@ -190,6 +193,10 @@ class MoETeacher(nn.Module):
         return logits.view(num_draws, batch, *logits.shape[1:])
 
     generate = generate
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        """The lm_head (replicated on every rank)."""
+        return self.model.get_output_embeddings()
 
     @property
     def config(self) -> PretrainedConfig:

@@ -1,0 +1,87 @@
+"""The fused lm_head loss (CE + divergence in one pass, ds_moekd.kernels.lm_head_loss) against plain
+torch autograd on full logits, and the `LossTerms` both training paths share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from ds_moekd.kernels import lm_head_loss
+
+from ds_moekd.losses import LossTerms
+
+
+def full_logits_loss(hidden, weight, teacher_logits, targets, kind, beta, temperature, ce_weight, div_weight):
+    logits = hidden @ weight.t()
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    log_q = torch.log_softmax(logits / temperature, -1)
+    log_p = torch.log_softmax(teacher_logits / temperature, -1)
+    p, q = log_p.exp(), log_q.exp()
+    if kind == "forward_kl":
+        div = (p * (log_p - log_q)).sum()
+    elif kind == "reverse_kl":
+        div = (q * (log_q - log_p)).sum()
+    else:
+        log_m = torch.log(beta * p + (1 - beta) * q)
+        div = beta * (p * (log_p - log_m)).sum() + (1 - beta) * (q * (log_q - log_m)).sum()
+    return ce_weight * ce + div_weight * div, ce, div
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_fused_ce_plus_divergence_matches_autograd_on_full_logits(kind, backend):
+    g = torch.Generator().manual_seed(11)
+    hidden, weight = torch.randn(13, 16, generator=g), torch.randn(37, 16, generator=g) / 2
+    teacher_hidden, teacher_weight = torch.randn(13, 8, generator=g), torch.randn(37, 8, generator=g)
+    targets = torch.randint(0, 37, (13,), generator=g)
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = full_logits_loss(h_ref, w_ref, teacher_hidden @ teacher_weight.t(), targets, kind, 0.3, 1.7, 0.4, 0.6)
+    ref[0].backward()
+    for teacher in (teacher_hidden @ teacher_weight.t(), (teacher_hidden, teacher_weight)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, ce, div = lm_head_loss(
+            h, w, teacher, targets, kind=kind, beta=0.3, temperature=1.7, ce_weight=0.4, div_weight=0.6,
+            chunk=5, backend=backend,
+        )
+        (3 * loss).backward()  # the upstream gradient scales both stored gradients
+        torch.testing.assert_close(loss, ref[0].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ce, ref[1].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(div, ref[2].detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h.grad, 3 * h_ref.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.grad, 3 * w_ref.grad, rtol=1e-5, atol=1e-5)
+        assert not ce.requires_grad and not div.requires_grad
+
+
+def test_fused_cross_entropy_alone_and_bad_calls():
+    g = torch.Generator().manual_seed(2)
+    hidden, weight = torch.randn(7, 6, generator=g, requires_grad=True), torch.randn(11, 6, generator=g)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    loss, ce, _ = lm_head_loss(hidden, weight, None, targets, ce_weight=1.0, chunk=3)
+    loss.backward()
+    h_ref = hidden.detach().clone().requires_grad_()
+    ref = F.cross_entropy(h_ref @ weight.t(), targets, reduction="sum")
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(ce, ref.detach())
+    torch.testing.assert_close(hidden.grad, h_ref.grad)
+    with pytest.raises(ValueError, match="give the teacher, the targets or both"):
+        lm_head_loss(hidden, weight, None, None)
+
+
+def test_loss_terms_on_logits_weigh_and_name_the_parts():
+    g = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(9, 20, generator=g, requires_grad=True), torch.randn(9, 20, generator=g)
+    targets = torch.randint(0, 20, (9,), generator=g)
+    terms = LossTerms(ce_weight=0.25, divergence="reverse_kl", div_weight=2.0, temperature=1.5, div_name="rkl")
+    loss, parts = terms.on_logits(student, teacher, targets, chunk=4)
+    ref, ce, div = full_logits_loss(
+        student, torch.eye(20), teacher, targets, "reverse_kl", 0.5, 1.5,
+        0.25, 2.0,
+    )
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    assert set(parts) == {"ce", "rkl"}
+    torch.testing.assert_close(parts["ce"], ce.detach())
+    torch.testing.assert_close(parts["rkl"], div.detach(), rtol=1e-5, atol=1e-6)
+    only_ce, parts = LossTerms().on_logits(student, None, targets)
+    assert set(parts) == {"ce"}
+    torch.testing.assert_close(only_ce, F.cross_entropy(student, targets, reduction="sum"))

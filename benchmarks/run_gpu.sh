@@ -2,7 +2,8 @@
 # One prepared run on a lent GPU machine (its own torch/triton/transformers, no DeepSpeed, no install):
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR]      (default benchmarks/results/<gpu name>)
 # 1. the GPU kernel tests (bf16 vs fp32 references) and the CPU kernel tests, now on the GPU;
-# 2. the MoE-layer benchmark at the DESIGN §4 targets' presets and the whole-teacher benchmark.
+# 2. the MoE-layer benchmark at the DESIGN §4 targets' presets, the whole-teacher benchmark and the
+#    fused-loss benchmark (time and peak memory against whole logits).
 # Each result is a JSON file named after its command; a failed step is recorded and the rest still run.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -37,6 +38,8 @@ bench moe-layer_llama-moe-3.5b-4of16_native moe-layer --preset llama-moe-3.5b-4o
 bench moe-layer_qwen3-30b-a3b_native moe-layer --preset qwen3-30b-a3b --routing native
 bench moe-layer_llama-moe-3.5b-4of16_ka-M2-1024 moe-layer --preset llama-moe-3.5b-4of16 --routing ka --tokens 1024 --ka-draws 2
 bench teacher_llama-moe-3.5b-4of16_all teacher --preset llama-moe-3.5b-4of16 --routing all
+bench loss_N4096_V32000 loss --tokens 4096 --hidden 2048 --teacher-hidden 4096 --vocab 32000
+bench loss_N4096_V151936 loss --tokens 4096 --hidden 2048 --teacher-hidden 4096 --vocab 151936
 python - "$results" <<'PY'
 # one summary table of the targets (ratios to the equal-FLOP GEMM; teacher speed-ups)
 import json, pathlib, sys
@@ -44,7 +47,16 @@ rows = []
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(f.read_text())
     for name, m in r["implementations"].items():
-        rows.append(f"{f.stem:45s} {name:26s} " + (f"{m['ms']:9.3f} ms " + (f"ratio {m['ratio_to_gemm']:.3f}" if "ratio_to_gemm" in m else f"speed-up of ours {m.get('ours_speedup', '-')}") if "ms" in m else m["not_measured"]))
+        if "ms" not in m:
+            rows.append(f"{f.stem:45s} {name:26s} {m['not_measured']}")
+            continue
+        if "ratio_to_gemm" in m:
+            what = f"ratio {m['ratio_to_gemm']:.3f}"
+        elif "memory_vs_full_logits" in m:
+            what = f"time x{m['time_vs_full_logits']:.2f} memory x{m['memory_vs_full_logits']:.3f} of full logits"
+        else:
+            what = f"speed-up of ours {m.get('ours_speedup', '-')}"
+        rows.append(f"{f.stem:45s} {name:26s} {m['ms']:9.3f} ms {what}")
 (pathlib.Path(sys.argv[1]) / "summary.txt").write_text("\n".join(rows) + "\n")
 print("\n".join(rows))
 PY

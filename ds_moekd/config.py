@@ -65,7 +65,8 @@ class KDConfig:
     ce_weight: float = 0.5  # word-level KD: 0.5 CE + 0.5 KL(p||q) (paper's setting)
     kl_weight: float = 0.5
     temperature: float = 1.0
-    token_chunk: int = 1024  # tokens per loss chunk: bounds the fp32 working set to chunk x vocab (0 = all at once)
+    token_chunk: int = 0  # tokens per loss chunk (fp32 working set chunk x vocab); 0: auto in the fused head
+    # (chunk x vocab ~ tokens x hidden, ds_moekd.kernels.divergence.auto_token_chunk), all at once on full logits
     loss_backend: str = "auto"  # divergence kernels (ds_moekd.kernels): auto, torch, triton
     fused_head: bool = True  # student (and teacher) logits formed chunk by chunk inside the loss, never whole
 

@@ -158,7 +158,7 @@ def divergence(student_NV, teacher_NV, *, kind, beta=0.5, temperature=1.0, chunk
 
 
 def lm_head_divergence(
-    hidden_NH, weight_VH, teacher, *, kind, beta=0.5, temperature=1.0, chunk=1024, backend="auto"
+    hidden_NH, weight_VH, teacher, *, kind, beta=0.5, temperature=1.0, chunk=0, backend="auto"
 ):
     """`fused_lm_head_divergence` with the row kernel chosen like the expert backends (torch | triton)."""
     backend = _loss_backend("lm_head_divergence", hidden_NH.device, hidden_NH.dtype, backend)
@@ -185,7 +185,7 @@ def lm_head_loss(
     temperature=1.0,
     ce_weight=0.0,
     div_weight=1.0,
-    chunk=1024,
+    chunk=0,
     backend="auto",
 ):
     """`fused_lm_head_loss` (CE + divergence in one pass over lm_head) with the row kernel chosen like

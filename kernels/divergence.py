@@ -26,10 +26,11 @@ def divergence_rows_torch(student_nV, teacher_nV, kind: str, beta: float = 0.5, 
     """(loss per row [n] fp32, d loss / d student logits [n, V] fp32)."""
     log_q = F.log_softmax(student_nV.float() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_nV.float() / temperature, dim=-1)
-    q = log_q.exp()
-    if kind == "forward_kl":
+    if kind == "forward_kl":  # in place: three [n, V] fp32 buffers at most
         p = log_p.exp()
-        return (p * (log_p - log_q)).sum(-1), (q - p) / temperature
+        loss = log_p.sub_(log_q).mul_(p).sum(-1)
+        return loss, log_q.exp_().sub_(p).div_(temperature)
+    q = log_q.exp()
     if kind == "reverse_kl":
         d = log_q - log_p
         loss = (q * d).sum(-1)
@@ -46,6 +47,16 @@ def _rows(student, teacher, kind, beta, temperature, use_triton):
 
         return divergence_rows(student, teacher, kind, beta, temperature)
     return divergence_rows_torch(student, teacher, kind, beta, temperature)
+
+
+MIN_AUTO_CHUNK = 64  # fewer rows make the per-chunk GEMMs inefficient and the Python loop long
+
+
+def auto_token_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per fused chunk when none is given: chunk·V ≈ N·H, so each fp32 logits slab is about
+    the size of the hidden states it comes from; a power of two, at least MIN_AUTO_CHUNK."""
+    chunk = math.ceil(tokens / max(1, math.ceil(vocab / hidden)))
+    return max(MIN_AUTO_CHUNK, 1 << max(0, chunk - 1).bit_length())
 
 
 def _teacher_chunk(teacher, s: slice) -> torch.Tensor:
@@ -110,7 +121,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
     def forward(ctx, hidden_NH, weight_VH, teacher, targets_N, terms, chunk, use_triton):
         kind, beta, temperature, ce_weight, div_weight = terms
         n = hidden_NH.shape[0]
-        step = n if chunk <= 0 else chunk
+        step = chunk if chunk > 0 else auto_token_chunk(n, *weight_VH.shape)
         ce_sum = torch.zeros((), device=hidden_NH.device, dtype=torch.float32)
         div_sum = torch.zeros((), device=hidden_NH.device, dtype=torch.float32)
         grad_h = torch.empty_like(hidden_NH) if ctx.needs_input_grad[0] else None
@@ -167,7 +178,7 @@ def fused_lm_head_loss(
     temperature: float = 1.0,
     ce_weight: float = 0.0,
     div_weight: float = 1.0,
-    chunk: int = 1024,
+    chunk: int = 0,
     use_triton: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ce_weight·CE + div_weight·D, CE, D) summed over the N tokens, with q = softmax(hidden @ weightᵀ):
@@ -175,7 +186,8 @@ def fused_lm_head_loss(
     and q at `temperature` (needs `teacher`). Differentiable in hidden and weight through the first.
 
     `teacher` is `[N, V]` logits (any dtype) or a (hidden `[N, H_t]`, lm_head weight `[V, H_t]`) pair,
-    whose logits are then also formed one chunk at a time; None scores CE alone.
+    whose logits are then also formed one chunk at a time; None scores CE alone. `chunk` tokens are
+    scored at a time (0: `auto_token_chunk`).
     """
     _check(kind, beta)
     if teacher is None and targets_N is None:
@@ -193,7 +205,7 @@ def fused_lm_head_divergence(
     kind: str,
     beta: float = 0.5,
     temperature: float = 1.0,
-    chunk: int = 1024,
+    chunk: int = 0,
     use_triton: bool = False,
 ) -> torch.Tensor:
     """The divergence term of `fused_lm_head_loss` alone: sum over the N tokens of the divergence

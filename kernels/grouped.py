@@ -59,11 +59,27 @@ def _swiglu_forward(mm: GroupedMatmul, fused: bool, x, sizes, w_gate_up_EHJ) -> 
     return F.silu(gate) * up
 
 
+def _expert_by_expert(x_RH, tokens_per_expert_E, w_gate_up_EHJ, w_down_EIH) -> torch.Tensor:
+    """The torch backend's forward: each expert's whole FFN on its rows before the next expert, so
+    its [rows, 2I] intermediate is still in cache for the down GEMM (on CPU that beats two passes
+    over all rows, each with full-size intermediates)."""
+    out = x_RH.new_empty(x_RH.shape[0], w_down_EIH.shape[2])
+    start = 0
+    for e, size in enumerate(tokens_per_expert_E.tolist()):
+        if size:
+            gate, up = (x_RH[start : start + size] @ w_gate_up_EHJ[e]).chunk(2, dim=-1)
+            torch.matmul(F.silu(gate).mul_(up), w_down_EIH[e], out=out[start : start + size])
+            start += size
+    return out
+
+
 class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RH, tokens_per_expert_E, w_gate_up_EHJ, w_down_EIH, mm, fused):
         ctx.save_for_backward(x_RH, tokens_per_expert_E, w_gate_up_EHJ, w_down_EIH)
         ctx.mm = mm
+        if mm is loop_matmul:
+            return _expert_by_expert(x_RH, tokens_per_expert_E, w_gate_up_EHJ, w_down_EIH)
         return mm(
             _swiglu_forward(mm, fused, x_RH, tokens_per_expert_E, w_gate_up_EHJ),
             w_down_EIH,

@@ -7,9 +7,10 @@ teacher's logits are formed inside the timed call too, as a training step forms 
 
   full_logits_torch  student and teacher `[N, V]` logits whole; F.cross_entropy + KL in plain torch
                      (a plain training loop)
-  ours_on_logits     the same whole logits; our chunked divergence kernel (`LossTerms.on_logits`)
+  ours_on_logits     the same whole logits; our divergence kernel (`LossTerms.on_logits`)
   ours_fused         `ds_moekd.kernels.lm_head_loss`: teacher as (hidden, lm_head), `--chunk` tokens at
-                     a time, so neither `[N, V]` logits tensor ever exists whole (what training runs)
+                     a time (default: auto, chunk·V ≈ N·H), so neither `[N, V]` logits tensor ever
+                     exists whole (what training runs)
 
 Reported: median time per call and the peak memory above the inputs. On a GPU the peak is
 `torch.cuda.max_memory_allocated`; on CPU each implementation runs in a fresh process that reads
@@ -152,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden", type=int, default=2048, help="student hidden size")
     parser.add_argument("--teacher-hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--chunk", type=int, default=1024, help="tokens per chunk (kd.token_chunk)")
+    parser.add_argument("--chunk", type=int, default=0, help="tokens per chunk (kd.token_chunk; 0: auto)")
     parser.add_argument("--json", type=Path, help="write the result here")
     args, opts = parse_with_run_options(parser, argv, gpu_warmup=3)
     shape = {"tokens": args.tokens, "hidden": args.hidden, "teacher_hidden": args.teacher_hidden, "vocab": args.vocab}

@@ -18,7 +18,7 @@ from ds_moekd.losses.objective import LossTerms
 
 
 class FusedLossHead(nn.Module):
-    def __init__(self, lm_head: nn.Linear, *, vocab: int, terms: LossTerms, chunk: int = 1024, backend: str = "auto"):
+    def __init__(self, lm_head: nn.Linear, *, vocab: int, terms: LossTerms, chunk: int = 0, backend: str = "auto"):
         super().__init__()
         # a tuple, not a submodule: the student's state dict (and its HF export) stay unchanged
         self._lm_head = (lm_head,)
@@ -58,7 +58,7 @@ class FusedLossHead(nn.Module):
 
 def attach_fused_loss_head(model: nn.Module, **kwargs) -> FusedLossHead:
     """Add the head to `model` (as `kd_head`) so a ZeRO-3 engine built on `model` hooks it; call before
-    `deepspeed.initialize`. kwargs: vocab, terms, chunk, backend."""
+    `deepspeed.initialize`. kwargs: vocab, terms, chunk (tokens per chunk, 0: auto), backend."""
     head = FusedLossHead(model.get_output_embeddings(), **kwargs)
     model.add_module("kd_head", head)
     return head

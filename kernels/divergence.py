@@ -59,11 +59,42 @@ def auto_token_chunk(tokens: int, vocab: int, hidden: int) -> int:
     return max(MIN_AUTO_CHUNK, 1 << max(0, chunk - 1).bit_length())
 
 
-def _teacher_chunk(teacher, s: slice) -> torch.Tensor:
-    if isinstance(teacher, torch.Tensor):
-        return teacher[s]
-    hidden, weight = teacher
-    return hidden[s] @ weight.t()
+def _teacher_draws(teacher, s: slice):
+    """The teacher's logits at rows s, one `[n, V]` tensor per draw, formed one draw at a time.
+
+    `teacher` is `[N, V]` or `[M, N, V]` logits, or a (hidden `[N, H_t]` or `[M, N, H_t]`, lm_head
+    weight `[V, H_t]`) pair; M independent teacher draws (KA) are scored one after another."""
+    hidden, weight = (teacher, None) if isinstance(teacher, torch.Tensor) else teacher
+    for draw in hidden.unsqueeze(0) if hidden.dim() == 2 else hidden:
+        yield draw[s] if weight is None else draw[s] @ weight.t()
+
+
+def _mean_over_draws(student_nV, teacher, s: slice, kind, beta, temperature, use_triton):
+    """(loss per row, d loss / d student logits) averaged over the teacher's draws: with M draws the
+    loss is (1/M) Σ_m D(p_m, q), KA's average over teacher draws."""
+    loss = grad = None
+    draws = 0
+    for teacher_nV in _teacher_draws(teacher, s):
+        loss_m, grad_m = _rows(student_nV, teacher_nV.detach(), kind, beta, temperature, use_triton)
+        loss, grad = (loss_m, grad_m) if loss is None else (loss.add_(loss_m), grad.add_(grad_m))
+        draws += 1
+    if draws > 1:
+        loss.div_(draws)
+        grad.div_(draws)
+    return loss, grad
+
+
+def _check_teacher(teacher, tokens: int, vocab: int) -> None:
+    """Clear errors for teacher inputs whose token rows or vocabulary do not match the student's."""
+    hidden, weight = (teacher, None) if isinstance(teacher, torch.Tensor) else teacher
+    rows = hidden.shape[-2] if hidden.dim() in (2, 3) else None
+    teacher_vocab = hidden.shape[-1] if weight is None else weight.shape[0]
+    if rows != tokens or teacher_vocab != vocab or (weight is not None and weight.shape[1] != hidden.shape[-1]):
+        shapes = tuple(hidden.shape) if weight is None else (tuple(hidden.shape), tuple(weight.shape))
+        raise ValueError(
+            f"divergence: teacher {shapes} does not match the student's {tokens} tokens x {vocab} vocabulary "
+            "(expected [N, V] or [M, N, V] logits, or ([N, H_t] or [M, N, H_t] hidden, [V, H_t] lm_head))"
+        )
 
 
 class _LogitsDivergence(torch.autograd.Function):
@@ -77,7 +108,7 @@ class _LogitsDivergence(torch.autograd.Function):
         grad = torch.empty_like(student_NV) if ctx.needs_input_grad[0] else None
         for start in range(0, n, step):
             s = slice(start, min(start + step, n))
-            loss_n, grad_s = _rows(student_NV[s], teacher_NV[s].detach(), kind, beta, temperature, use_triton)
+            loss_n, grad_s = _mean_over_draws(student_NV[s], teacher_NV, s, kind, beta, temperature, use_triton)
             total += loss_n.sum()
             if grad is not None:
                 grad[s] = grad_s
@@ -92,8 +123,10 @@ class _LogitsDivergence(torch.autograd.Function):
 
 def logits_divergence(student_NV, teacher_NV, *, kind, beta=0.5, temperature=1.0, chunk=0, use_triton=False):
     """Sum over tokens of the divergence between teacher and student logits (same kinds as below);
-    chunked over tokens (0: all at once), differentiable in the student logits only."""
+    chunked over tokens (0: all at once), differentiable in the student logits only. Teacher logits
+    `[M, N, V]` are M draws: the divergence is averaged over them."""
     _check(kind, beta)
+    _check_teacher(teacher_NV, *student_NV.shape)
     return _LogitsDivergence.apply(student_NV, teacher_NV, kind, beta, temperature, chunk, use_triton)
 
 
@@ -140,9 +173,7 @@ class _FusedLMHeadLoss(torch.autograd.Function):
                     ce_sum += loss_n.sum()
                     grad_logits = grad_ce.mul_(ce_weight)
                 if teacher is not None:
-                    loss_n, grad_div = _rows(
-                        logits, _teacher_chunk(teacher, s).detach(), kind, beta, temperature, use_triton
-                    )
+                    loss_n, grad_div = _mean_over_draws(logits, teacher, s, kind, beta, temperature, use_triton)
                     div_sum += loss_n.sum()
                     grad_logits = grad_div.mul_(div_weight).add_(grad_logits)
             if grad_h is not None:
@@ -186,10 +217,14 @@ def fused_lm_head_loss(
     and q at `temperature` (needs `teacher`). Differentiable in hidden and weight through the first.
 
     `teacher` is `[N, V]` logits (any dtype) or a (hidden `[N, H_t]`, lm_head weight `[V, H_t]`) pair,
-    whose logits are then also formed one chunk at a time; None scores CE alone. `chunk` tokens are
-    scored at a time (0: `auto_token_chunk`).
+    whose logits are then also formed one chunk at a time; None scores CE alone. With a leading draw
+    dimension (`[M, N, V]` or `[M, N, H_t]` hidden) D is averaged over the M teacher draws (KA), the
+    student's logits formed once per chunk for all of them. `chunk` tokens are scored at a time
+    (0: `auto_token_chunk`).
     """
     _check(kind, beta)
+    if teacher is not None:
+        _check_teacher(teacher, hidden_NH.shape[0], weight_VH.shape[0])
     if teacher is None and targets_N is None:
         raise ValueError("fused_lm_head_loss: give the teacher, the targets or both")
     terms = (kind, beta, temperature, ce_weight if targets_N is not None else 0.0,

@@ -85,3 +85,46 @@ def test_loss_terms_on_logits_weigh_and_name_the_parts():
     only_ce, parts = LossTerms().on_logits(student, None, targets)
     assert set(parts) == {"ce"}
     torch.testing.assert_close(only_ce, F.cross_entropy(student, targets, reduction="sum"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_teacher_draws_average_the_divergence_over_draws(kind, backend):
+    """KA: M teacher draws (a leading draw dimension) score (1/M) Σ_m D(p_m, q), in the fused head
+    (hidden states per draw) and on logits alike."""
+    from ds_moekd.kernels import divergence
+
+    g = torch.Generator().manual_seed(21)
+    draws, n, h, ht, v = 3, 11, 16, 8, 29
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g) / 2
+    teacher_hidden, teacher_weight = torch.randn(draws, n, ht, generator=g), torch.randn(v, ht, generator=g)
+    targets = torch.randint(0, v, (n,), generator=g)
+    teacher_logits = teacher_hidden @ teacher_weight.t()  # [M, N, V]
+    h_ref, w_ref = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    refs = [full_logits_loss(h_ref, w_ref, teacher_logits[m], targets, kind, 0.3, 1.4, 0.0, 1.0)[2]
+            for m in range(draws)]
+    ref = torch.stack(refs).mean()
+    ref.backward()
+    for teacher in (teacher_logits, (teacher_hidden, teacher_weight)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, _, div = lm_head_loss(h, w, teacher, None, kind=kind, beta=0.3, temperature=1.4, chunk=4,
+                                    backend=backend)
+        loss.backward()
+        torch.testing.assert_close(div, ref.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    logits = (hidden @ weight.t()).requires_grad_()
+    on_logits = divergence(logits, teacher_logits, kind=kind, beta=0.3, temperature=1.4, chunk=4, backend=backend)
+    on_logits.backward()
+    torch.testing.assert_close(on_logits, ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad @ weight, h_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_that_does_not_match_the_student_is_refused_with_its_shapes():
+    hidden, weight = torch.randn(5, 4), torch.randn(9, 4)
+    with pytest.raises(ValueError, match=r"teacher \(5, 8\) does not match the student's 5 tokens x 9 vocabulary"):
+        lm_head_loss(hidden, weight, torch.randn(5, 8))
+    with pytest.raises(ValueError, match=r"teacher \(\(2, 6, 3\), \(9, 3\)\) does not match the student's 5 tokens"):
+        lm_head_loss(hidden, weight, (torch.randn(2, 6, 3), torch.randn(9, 3)))
+    with pytest.raises(ValueError, match="does not match"):
+        lm_head_loss(hidden, weight, (torch.randn(5, 3), torch.randn(9, 4)))

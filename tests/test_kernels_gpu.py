@@ -95,3 +95,27 @@ def test_bf16_fused_lm_head_divergence_matches_fp32(kind):
     loss.backward()
     assert abs(loss.item() - loss_ref.sum().item()) / loss_ref.sum().item() < LOSS_TOL
     assert rel_err(h.grad, grad_ref @ weight.bfloat16().float()) < FFN_TOL
+
+
+def test_bf16_fused_ce_plus_divergence_over_two_teacher_draws_matches_fp32():
+    """The training form: CE + reverse KL averaged over 2 teacher draws given as hidden states."""
+    from ds_moekd.kernels import lm_head_loss
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    hidden = torch.randn(300, 256, device="cuda", generator=g)
+    weight = torch.randn(32000, 256, device="cuda", generator=g) / 16
+    teacher_hidden = torch.randn(2, 300, 512, device="cuda", generator=g).bfloat16()
+    teacher_weight = (torch.randn(32000, 512, device="cuda", generator=g) / 16).bfloat16()
+    targets = torch.randint(0, 32000, (300,), device="cuda", generator=g)
+    logits_ref = hidden.bfloat16().float() @ weight.bfloat16().float().t()
+    ce_ref = torch.nn.functional.cross_entropy(logits_ref, targets, reduction="sum")
+    rkl = [divergence_rows_torch(logits_ref, (t @ teacher_weight.t()).float(), "reverse_kl") for t in teacher_hidden]
+    loss_ref = 0.5 * ce_ref + 0.5 * (rkl[0][0].sum() + rkl[1][0].sum()) / 2
+    h = hidden.bfloat16().requires_grad_()
+    loss, _, _ = lm_head_loss(h, weight.bfloat16(), (teacher_hidden, teacher_weight), targets, kind="reverse_kl",
+                              ce_weight=0.5, div_weight=0.5, backend="triton")
+    loss.backward()
+    onehot = torch.nn.functional.one_hot(targets, 32000).float()
+    grad_logits_ref = 0.5 * (logits_ref.softmax(-1) - onehot) + 0.5 * (rkl[0][1] + rkl[1][1]) / 2
+    assert abs(loss.item() - loss_ref.item()) / loss_ref.item() < LOSS_TOL
+    assert rel_err(h.grad, grad_logits_ref @ weight.bfloat16().float()) < FFN_TOL

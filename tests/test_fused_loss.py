@@ -7,23 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ds_moekd.kernels import lm_head_loss
+from test_kernels import full_logits_divergence
 
 from ds_moekd.losses import LossTerms
 
 
 def full_logits_loss(hidden, weight, teacher_logits, targets, kind, beta, temperature, ce_weight, div_weight):
-    logits = hidden @ weight.t()
-    ce = F.cross_entropy(logits, targets, reduction="sum")
-    log_q = torch.log_softmax(logits / temperature, -1)
-    log_p = torch.log_softmax(teacher_logits / temperature, -1)
-    p, q = log_p.exp(), log_q.exp()
-    if kind == "forward_kl":
-        div = (p * (log_p - log_q)).sum()
-    elif kind == "reverse_kl":
-        div = (q * (log_q - log_p)).sum()
-    else:
-        log_m = torch.log(beta * p + (1 - beta) * q)
-        div = beta * (p * (log_p - log_m)).sum() + (1 - beta) * (q * (log_q - log_m)).sum()
+    ce = F.cross_entropy(hidden @ weight.t(), targets, reduction="sum")
+    div = full_logits_divergence(hidden, weight, teacher_logits, kind, beta, temperature)
     return ce_weight * ce + div_weight * div, ce, div
 
 

@@ -85,16 +85,25 @@ def collect(paths: list[str]) -> Inputs:
     return inputs
 
 
-def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
+def _label_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    """Title, axis labels, grid, and a legend of whatever was drawn with a label (a run may lack a curve)."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    if legend:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
+
+
+def _save(fig, path: Path, **tight_layout) -> None:
+    fig.tight_layout(**tight_layout)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    _label_axes(ax, title, xlabel, ylabel)
+    _save(fig, path)
 
 
 def _eval_set(result: dict) -> str:
@@ -127,9 +136,7 @@ def plot_scores(results: list[tuple[str, dict]], metric: str, path: Path) -> Non
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in systems]
     fig.legend(handles, systems, loc="lower center", ncol=min(3, len(systems)), fontsize=8)
     fig.suptitle(f"{SCORE_METRICS[metric]} per evaluation set\n(bars: mean, whiskers: std over seeds)")
-    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(systems) // 3), 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, rect=(0, 0.04 + 0.035 * -(-len(systems) // 3), 1, 1))
 
 
 def plot_loss(runs: list[Run], path: Path) -> None:
@@ -145,15 +152,8 @@ def plot_loss(runs: list[Run], path: Path) -> None:
                 ax.plot(steps, values, color=f"C{i}", alpha=0.2, linewidth=0.8)
                 ax.plot(steps, moving_average(list(values), window), color=f"C{i}",
                         label=f"{_run_label(run)}, {window}-step mean")
-        ax.set_title(title)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("nats per response token")
-        ax.grid(alpha=0.3)
-        if ax.lines:  # a run may have no validation curve or no such loss part
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label_axes(ax, title, "optimizer step", "nats per response token")
+    _save(fig, path)
 
 
 def plot_validation(runs: list[Run], path: Path) -> None:
@@ -163,15 +163,8 @@ def plot_validation(runs: list[Run], path: Path) -> None:
             if run.validation:
                 ax.plot([v["step"] for v in run.validation], [v[metric] for v in run.validation], marker="o",
                         label=_run_label(run))
-        ax.set_title(f"Validation {SCORE_METRICS[metric]}")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(SCORE_METRICS[metric])
-        ax.grid(alpha=0.3)
-        if ax.lines:  # a run may have no validation curve or no such loss part
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        _label_axes(ax, f"Validation {SCORE_METRICS[metric]}", "optimizer step", SCORE_METRICS[metric])
+    _save(fig, path)
 
 
 def steady_tokens_per_s(run: Run) -> float:
@@ -185,7 +178,7 @@ def plot_throughput(runs: list[Run], path: Path) -> None:
     labels = [_run_label(r).replace(" (", "\n(") for r in runs]
     ax.bar(labels, [steady_tokens_per_s(r) for r in runs], color="tab:green")
     _finish(fig, ax, path, "Training throughput per run (after warm-up)", "run (method)",
-            "tokens per second (all ranks)", legend=False)
+            "tokens per second (all ranks)")
 
 
 def plot_gate_mass(gate_mass: dict[str, list[float]], path: Path) -> None:

@@ -19,7 +19,7 @@ import torch
 
 from . import grouped
 from .dense import dense_swiglu
-from .divergence import fused_lm_head_divergence, fused_lm_head_loss, logits_divergence
+from .divergence import fused_lm_head_loss, logits_divergence
 from .permute import permute_tokens, sort_by_expert, unpermute_tokens
 
 logger = logging.getLogger("ds_moekd.kernels")
@@ -160,18 +160,11 @@ def divergence(student_NV, teacher_NV, *, kind, beta=0.5, temperature=1.0, chunk
 def lm_head_divergence(
     hidden_NH, weight_VH, teacher, *, kind, beta=0.5, temperature=1.0, chunk=0, backend="auto"
 ):
-    """`fused_lm_head_divergence` with the row kernel chosen like the expert backends (torch | triton)."""
-    backend = _loss_backend("lm_head_divergence", hidden_NH.device, hidden_NH.dtype, backend)
-    return fused_lm_head_divergence(
-        hidden_NH,
-        weight_VH,
-        teacher,
-        kind=kind,
-        beta=beta,
-        temperature=temperature,
-        chunk=chunk,
-        use_triton=backend == "triton",
+    """The divergence term of `lm_head_loss` alone (no CE): a differentiable sum over tokens."""
+    loss, _, _ = lm_head_loss(
+        hidden_NH, weight_VH, teacher, kind=kind, beta=beta, temperature=temperature, chunk=chunk, backend=backend
     )
+    return loss
 
 
 def lm_head_loss(

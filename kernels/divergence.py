@@ -230,23 +230,3 @@ def fused_lm_head_loss(
     terms = (kind, beta, temperature, ce_weight if targets_N is not None else 0.0,
              div_weight if teacher is not None else 0.0)
     return _FusedLMHeadLoss.apply(hidden_NH, weight_VH, teacher, targets_N, terms, chunk, use_triton)
-
-
-def fused_lm_head_divergence(
-    hidden_NH: torch.Tensor,
-    weight_VH: torch.Tensor,
-    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    *,
-    kind: str,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    chunk: int = 0,
-    use_triton: bool = False,
-) -> torch.Tensor:
-    """The divergence term of `fused_lm_head_loss` alone: sum over the N tokens of the divergence
-    between the teacher and softmax(hidden @ weightᵀ); differentiable in hidden and weight."""
-    loss, _, _ = fused_lm_head_loss(
-        hidden_NH, weight_VH, teacher, kind=kind, beta=beta, temperature=temperature, chunk=chunk,
-        use_triton=use_triton,
-    )
-    return loss

@@ -1,7 +1,16 @@
 import torch
 import torch.nn.functional as F
+from ds_moekd.kernels import divergence
 
-from ds_moekd.losses import forward_kl, reverse_kl, token_cross_entropy
+from ds_moekd.losses import token_cross_entropy
+
+
+def forward_kl(teacher, student, **kwargs):
+    return divergence(student, teacher, kind="forward_kl", **kwargs)
+
+
+def reverse_kl(teacher, student, **kwargs):
+    return divergence(student, teacher, kind="reverse_kl", **kwargs)
 
 
 def _logits(seed, n=13, v=17):

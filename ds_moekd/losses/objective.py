@@ -1,8 +1,11 @@
 """What a method's loss is made of (`LossTerms`), computed on logits the caller already has.
 
 A loss on response tokens is ce_weight · CE(targets) + div_weight · D(teacher ‖ student), summed
-over tokens (the caller divides by the global token count, losses/scaling.py). The same terms run
-without any `[N, V]` logits through the student's fused lm_head head (losses/fused.py).
+over tokens (the caller divides by the global token count, losses/scaling.py). D runs through the
+kernel dispatcher (`ds_moekd.kernels.divergence`: torch on CPU, the Triton row kernel on a GPU),
+chunked over tokens so its fp32 working set stays `chunk x V`; teacher logits carry no gradient.
+The same terms run without any `[N, V]` logits through the student's fused lm_head head
+(losses/fused.py).
 """
 
 from __future__ import annotations
@@ -10,9 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ds_moekd.kernels import divergence
-from ds_moekd.losses.divergences import token_cross_entropy
+
+
+def token_cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_tokens -log q(target)."""
+    return F.cross_entropy(student_logits.float(), targets, reduction="sum")
 
 
 @dataclass(frozen=True)

@@ -20,25 +20,10 @@ import sys
 HIDDEN, EXPERTS, WIDTH = 512, 16, 256
 
 
-def _hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
-
-
 def measure(tokens: int) -> dict:
     import torch
 
+    from ds_moekd.bench.timing import cpu_peak_bytes
     from ds_moekd.dist import ParallelGroups
     from ds_moekd.routing import AllExperts, RouterSpec
     from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
@@ -62,15 +47,13 @@ def measure(tokens: int) -> dict:
     block.active = ActiveRouting(AllExperts(), zeros_T, torch.arange(tokens), zeros_T, torch.ones(tokens))
     with torch.no_grad():
         block(x_BSH[:, :8])  # warm up lazy allocations outside the measured window
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        before = _rss_bytes()
-        out_BSH = block(x_BSH)
-        peak = _hwm_bytes()
+        outputs = []
+        peak_extra = cpu_peak_bytes(lambda: outputs.append(block(x_BSH)))
+    (out_BSH,) = outputs
     assert out_BSH.shape == x_BSH.shape
     return {
         "tokens": tokens,
-        "peak_extra_bytes": peak - before,
+        "peak_extra_bytes": peak_extra,
         "output_bytes": out_BSH.numel() * out_BSH.element_size(),
         "deepspeed_mask_bytes": tokens * tokens * EXPERTS * 4,  # a [T, E, T] fp32 dispatch mask, for contrast
     }

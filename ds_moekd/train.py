@@ -51,11 +51,10 @@ def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool):
     return response_rows(out.hidden_states[-1], batch), teacher.get_output_embeddings().weight[:vocab]
 
 
-def student_loss(engine, method, batch: Batch, teacher, vocab: int, chunk: int):
+def student_loss(engine, head, method, batch: Batch, teacher, vocab: int, chunk: int):
     """(loss summed over this micro-batch's response tokens, {part: sum}) of the student, through the
-    fused lm_head head when one is attached (`kd_head`, losses/fused.py), else on full logits."""
+    fused lm_head `head` (losses/fused.py) when there is one, else on full logits."""
     targets = batch.targets[batch.loss_mask.bool()]
-    head = getattr(engine.module, "kd_head", None)
     if head is None:
         logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         return method.terms.on_logits(response_rows(logits, batch)[:, :vocab], teacher, targets, chunk)
@@ -78,15 +77,15 @@ def train_step(
     """
     global_tokens = global_token_count([b.loss_mask for b in micro_batches], groups)
     scale = backward_scale(groups, len(micro_batches))
-    fused = hasattr(engine.module, "kd_head")
+    head = getattr(engine.module, "kd_head", None)  # the fused lm_head + loss, when attached
     loss_sum, parts_sum = 0.0, {}
     for batch in micro_batches:
         scores = None
         if teacher is not None:
             with watch.time("teacher_s"), torch.no_grad():
-                scores = teacher_scores(teacher, batch, vocab, fused)
+                scores = teacher_scores(teacher, batch, vocab, fused=head is not None)
         with watch.time("student_s"):
-            loss, parts = student_loss(engine, method, batch, scores, vocab, chunk)
+            loss, parts = student_loss(engine, head, method, batch, scores, vocab, chunk)
             loss = loss / global_tokens
             engine.backward(loss * scale)
             engine.step()

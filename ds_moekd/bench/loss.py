@@ -32,7 +32,7 @@ from ds_moekd.losses.objective import LossTerms
 
 from .moe_layer import _versions
 from .options import RunOptions, parse_with_run_options
-from .timing import device_name, time_ms
+from .timing import cpu_peak_bytes, device_name, time_ms
 
 IMPLEMENTATIONS = ("full_logits_torch", "ours_on_logits", "ours_fused")
 CE_WEIGHT = KL_WEIGHT = 0.5  # the paper's word-level KD mix
@@ -76,14 +76,6 @@ def make_step(name: str, inputs: dict, chunk: int):
     return step
 
 
-def _proc_status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status (CPU peak memory needs Linux)")
-
-
 def peak_memory_mb(step, device: torch.device) -> float:
     """Peak memory of one call above what was allocated before it."""
     step()  # warm: later calls allocate the same
@@ -94,11 +86,7 @@ def peak_memory_mb(step, device: torch.device) -> float:
         step()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    before = _proc_status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
-    step()
-    return (_proc_status_bytes("VmHWM") - before) / 2**20
+    return cpu_peak_bytes(step) / 2**20
 
 
 def measure(name: str, shape: dict, opts: RunOptions, chunk: int) -> dict:

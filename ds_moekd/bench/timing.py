@@ -1,4 +1,5 @@
-"""Wall-clock timing of a zero-argument callable: CUDA events on a GPU, perf_counter on CPU."""
+"""Wall-clock timing of a zero-argument callable (CUDA events on a GPU, perf_counter on CPU), and the
+peak memory of one call on CPU."""
 
 from __future__ import annotations
 
@@ -35,3 +36,21 @@ def device_name(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (CPU peak memory needs Linux)")
+
+
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Bytes the process's resident set grew to above its size before `fn()` ran: the kernel's
+    high-water mark, reset just before the call. Run it in a fresh process for a clean reading."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current resident set
+    before = _proc_status_bytes("VmRSS")
+    fn()
+    return _proc_status_bytes("VmHWM") - before

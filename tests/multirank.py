@@ -139,7 +139,15 @@ class RankPool:
                 conn.send(None)
             except (OSError, EOFError, BrokenPipeError):
                 pass
-        deadline = time.monotonic() + 5.0
+        self._reap(grace_s=5.0)
+
+    def _restart(self) -> None:
+        self._reap(grace_s=0.0)
+        self._start()
+
+    def _reap(self, grace_s: float) -> None:
+        """Wait up to `grace_s` in all for the workers to exit, kill the rest, drop the pipes."""
+        deadline = time.monotonic() + grace_s
         for proc in self._procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
@@ -148,16 +156,6 @@ class RankPool:
         for conn in self._conns:
             conn.close()
         self._procs, self._conns = [], []
-
-    def _restart(self) -> None:
-        for proc in self._procs:
-            if proc.is_alive():
-                proc.kill()
-            proc.join()
-        for conn in self._conns:
-            conn.close()
-        self._procs, self._conns = [], []
-        self._start()
 
     def __enter__(self) -> Self:
         return self

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("sft", "kd")
+METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")  # ds_moekd/methods, one file each
+ON_POLICY_METHODS = ("gkd", "all", "ka", "sar")
 DTYPES = ("float32", "bfloat16", "float16")
 # ds_moekd.kernels' backends (spelled out here so loading a config does not import the kernels)
 EXPERT_BACKENDS = ("auto", "torch", "triton", "torch_grouped_mm", "megablocks")
@@ -72,6 +73,78 @@ class KDConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GKDConfig:
+    """On-policy distillation (`gkd`, and the rollouts and loss of `all`, `ka`, `sar`); defaults are the
+    authors' settings (docs/methods/gkd.md)."""
+
+    on_policy_fraction: float = 1.0  # share of examples whose response is a student rollout
+    seq_kd: bool = False  # the other examples get a teacher-generated response instead of the dataset's
+    divergence: str = "reverse_kl"  # reverse_kl KL(q||p) | forward_kl | jsd (generalized JSD, beta)
+    beta: float = 0.5  # jsd's mixture weight
+    ce_weight: float = 0.0  # CE on the (possibly self-generated) responses; the authors use none
+    max_new_tokens: int = 256  # rollout length (authors: max length 512 = prompt 256 + 256)
+    temperature: float = 1.0  # rollout sampling
+    top_k: int = 0  # 0: no cut
+    top_p: float = 1.0
+    rollout: str = "gather"  # gather: whole student once per rollout; layerwise: ZeRO-3 gathers per layer
+
+    def checks(self):
+        return [
+            ("on_policy_fraction", 0.0 <= self.on_policy_fraction <= 1.0, "between 0 and 1"),
+            ("divergence", self.divergence in DIVERGENCES, f"one of {DIVERGENCES}"),
+            ("beta", 0.0 < self.beta < 1.0, "strictly between 0 and 1"),
+            ("ce_weight", self.ce_weight >= 0, "0 or more"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("temperature", self.temperature > 0, "positive"),
+            ("top_k", self.top_k >= 0, "0 (off) or more"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("rollout", self.rollout in ROLLOUT_MODES, f"one of {ROLLOUT_MODES}"),
+        ]
+
+
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+ROLLOUT_MODES = ("gather", "layerwise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KAConfig:
+    """Knowledge Augmentation's teacher draws (docs/methods/ka.md)."""
+
+    resample_prob: float = 0.05  # per token and layer: chance of sampling the experts instead of the top-K
+    num_selected: int = 0  # K experts per token; 0: N-1
+    draws: int = 2  # M teacher draws per micro-batch, one batched forward; loss = mean over draws
+
+    def checks(self):
+        return [
+            ("resample_prob", 0.0 <= self.resample_prob <= 1.0, "between 0 and 1"),
+            ("num_selected", self.num_selected >= 0, "0 (N-1) or a number of experts"),
+            ("draws", self.draws >= 1, "at least 1"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SARConfig:
+    """The Student-Aware Router's router step (docs/methods/sar.md)."""
+
+    router_lr: float = 1e-6  # the authors' scripts (their paper's text says 1e-5)
+    router_weight_decay: float = 1e-2
+    router_grad_clip: float = 1.0  # 0: no clipping
+    balance_weight: float = 0.01  # x sum over layers of cv^2(importance)
+    router_steps: int = 1  # router updates before each student micro-batch (0: routers stay frozen)
+    activation_checkpointing: bool = True  # recompute teacher layers in the router backward
+    export_teacher: bool = True  # write the SAR-tuned teacher to <run>/sar_teacher_hf at the end
+
+    def checks(self):
+        return [
+            ("router_lr", self.router_lr > 0, "positive"),
+            ("router_weight_decay", self.router_weight_decay >= 0, "0 or more"),
+            ("router_grad_clip", self.router_grad_clip >= 0, "0 (off) or more"),
+            ("balance_weight", self.balance_weight >= 0, "0 or more"),
+            ("router_steps", self.router_steps >= 0, "0 or more"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     steps: int = 100
     gradient_accumulation_steps: int = 1
@@ -116,6 +189,9 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    gkd: GKDConfig = field(default_factory=GKDConfig)
+    ka: KAConfig = field(default_factory=KAConfig)
+    sar: SARConfig = field(default_factory=SARConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -161,6 +237,8 @@ def _validate(cfg: RunConfig) -> None:
         ("validation.metric", cfg.validation.metric in VALIDATION_METRICS, f"one of {VALIDATION_METRICS}"),
         ("validation.generation", cfg.validation.generation in ("gather", "synced"), "gather or synced"),
     ]
+    for section in ("gkd", "ka", "sar"):  # each method's section validates itself
+        checks += [(f"{section}.{name}", ok, expected) for name, ok, expected in getattr(cfg, section).checks()]
     for path, ok, expected in checks:
         if not ok:
             value = _get_path(cfg, path)

@@ -9,7 +9,7 @@ routing uses the original router weights (DESIGN §1).
 
 Policies see a `RoutingContext` per layer call: the layer index and, per token, its global
 sequence index, position and draw index. Native top-k ignores it; KA derives each token's random
-draw from it with a counter-based hash (`counter_uniform`), so draws do not depend on batching,
+draw from it with a counter-based hash (ds_moekd/rng.py), so draws do not depend on batching,
 padding, EP size or the order of draws.
 """
 
@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from ds_moekd.rng import CounterKey, counter_uniform, gumbel
 
 
 @dataclass(frozen=True)
@@ -103,14 +105,8 @@ class RouterSpec:
         )
 
 
-@dataclass(frozen=True)
-class RoutingContext:
-    """Where a routing decision happens: keys for counter-based randomness, one entry per token."""
-
-    layer_index: int
-    sequence_T: torch.Tensor  # global sequence index of each token (int64)
-    position_T: torch.Tensor  # position of each token in its sequence, padding not counted (int64)
-    draw_T: torch.Tensor | None = None  # teacher draw index of each token (KA's M draws; None: 0)
+# A layer call's per-token keys: the layer index and each token's sequence, position and draw.
+RoutingContext = CounterKey
 
 
 class RoutingPolicy(Protocol):
@@ -182,44 +178,20 @@ class KASample:
         top_TK = router.select_top(scores_TN, k, group_limited=False)
         if self.resample_prob == 0.0:
             return top_TK, router.weights(scores_TN, top_TK)
-        # Stream 0: the resample coin; streams 1..N: one Gumbel per expert.
-        u_TS = counter_uniform(self.seed, self.step, context, streams=num_experts + 1)
-        gumbel_TN = -torch.log(-torch.log(u_TS[:, 1:]))
-        log_p_TN = torch.log(router.probabilities(logits_TN).double())
-        sampled_TK = torch.topk(log_p_TN + gumbel_TN, k, dim=-1).indices
-        resample_T = u_TS[:, 0] < self.resample_prob
-        expert_ids_TK = torch.where(resample_T[:, None], sampled_TK, top_TK)
+        # Stream 0: the resample coin; streams 1..N: one Gumbel per expert, drawn only for the
+        # tokens whose coin says resample (same values as drawing them for every token).
+        coin_T = counter_uniform(self.seed, self.step, context, streams=1)[:, 0]
+        resample_T = coin_T < self.resample_prob
+        expert_ids_TK = top_TK.clone()
+        rows_R = resample_T.nonzero()[:, 0]
+        if rows_R.numel():
+            subset = CounterKey(
+                context.layer_index,
+                context.sequence_T[rows_R],
+                context.position_T[rows_R],
+                None if context.draw_T is None else context.draw_T[rows_R],
+            )
+            gumbel_RN = gumbel(counter_uniform(self.seed, self.step, subset, streams=num_experts, first_stream=1))
+            log_p_RN = torch.log(router.probabilities(logits_TN[rows_R]).double())
+            expert_ids_TK[rows_R] = torch.topk(log_p_RN + gumbel_RN, k, dim=-1).indices
         return expert_ids_TK, router.weights(scores_TN, expert_ids_TK)
-
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finaliser on int64 tensors holding uint32 values (products wrap mod 2^64;
-    the mask keeps the exact low 32 bits)."""
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _M32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _M32
-    return h ^ (h >> 16)
-
-
-def _absorb(h: torch.Tensor, part) -> torch.Tensor:
-    """Fold one 64-bit key part (int or int64 tensor) into the running hash, 32 bits at a time."""
-    for half in (part & _M32, (part >> 32) & _M32):
-        h = _mix32(((h ^ half) + 0x9E3779B9) & _M32)
-    return h
-
-
-def counter_uniform(seed: int, step: int, context: RoutingContext, *, streams: int) -> torch.Tensor:
-    """Uniforms in (0, 1) `[T, streams]` (float64), a pure function of
-    (seed, step, draw, layer, sequence, position, stream) for each token."""
-    sequence_T = context.sequence_T.long()
-    draw_T = torch.zeros_like(sequence_T) if context.draw_T is None else context.draw_T.long()
-    h_T = torch.full_like(sequence_T, 0x6A09E667)
-    for part in (seed, step, context.layer_index, draw_T, sequence_T, context.position_T.long()):
-        h_T = _absorb(h_T, part)
-    stream_S = torch.arange(streams, device=h_T.device, dtype=torch.long)
-    h_TS = _absorb(h_T[:, None].expand(-1, streams), stream_S[None, :])
-    return (h_TS.double() + 0.5) / 2.0**32

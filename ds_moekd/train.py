@@ -23,32 +23,32 @@ from ds_moekd.data.formats import load_eval_data
 from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
-from ds_moekd.methods import build_method
+from ds_moekd.methods import StepContext, TeacherTargets, build_method
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
 
 
-def response_rows(x_BSD: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Rows of `x` (logits or hidden states) at positions that predict response tokens, `[N, D]`."""
-    return x_BSD[:, :-1][batch.loss_mask.bool()]
-
-
-def no_logits(batch: Batch) -> torch.Tensor:
-    """`logits_to_keep` value that makes a Hugging Face causal LM skip its lm_head (no positions)."""
-    return torch.empty(0, dtype=torch.long, device=batch.input_ids.device)
-
-
-def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool):
-    """The teacher's side of the divergence at response positions: `[N, vocab]` logits, or for the
-    fused head a (final hidden states `[N, H]`, lm_head weight `[vocab, H]`) pair, so the teacher's
-    logits are formed one token chunk at a time as well."""
-    if not fused:
-        return response_rows(teacher(batch.input_ids, attention_mask=batch.attention_mask).logits, batch)[:, :vocab]
+def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool, targets: TeacherTargets):
+    """The teacher's side of the divergence at response positions, for `targets.draws` draws stacked
+    into one batched forward (each draw keyed by its index, every row by its example id): `[N, vocab]`
+    logits (`[M, N, vocab]` for M > 1 draws), or for the fused head a (final hidden states `[N, H]` /
+    `[M, N, H]`, lm_head weight `[vocab, H]`) pair, so the teacher's logits are formed one token chunk
+    at a time as well."""
+    draws, rows = targets.draws, batch.input_ids.shape[0]
     out = teacher(
-        batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, logits_to_keep=no_logits(batch)
+        batch.input_ids.repeat(draws, 1),
+        attention_mask=batch.attention_mask.repeat(draws, 1),
+        routing=targets.routing,
+        sequence_index=batch.example_ids.repeat(draws),
+        draw_index=torch.arange(draws, device=batch.input_ids.device).repeat_interleave(rows),
+        output_hidden_states=fused,
+        logits_to_keep=batch.no_logits() if fused else 0,
     )
-    return response_rows(out.hidden_states[-1], batch), teacher.get_output_embeddings().weight[:vocab]
+    x_MBSD = (out.hidden_states[-1] if fused else out.logits[..., :vocab]).unflatten(0, (draws, rows))
+    scores = torch.stack([batch.response_rows(x_BSD) for x_BSD in x_MBSD])
+    scores = scores[0] if draws == 1 else scores
+    return (scores, teacher.get_output_embeddings().weight[:vocab]) if fused else scores
 
 
 def student_loss(engine, head, method, batch: Batch, teacher, vocab: int, chunk: int):
@@ -57,33 +57,36 @@ def student_loss(engine, head, method, batch: Batch, teacher, vocab: int, chunk:
     targets = batch.targets[batch.loss_mask.bool()]
     if head is None:
         logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return method.terms.on_logits(response_rows(logits, batch)[:, :vocab], teacher, targets, chunk)
+        return method.terms.on_logits(batch.response_rows(logits)[:, :vocab], teacher, targets, chunk)
     out = engine(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         output_hidden_states=True,
-        logits_to_keep=no_logits(batch),
+        logits_to_keep=batch.no_logits(),
     )
-    return head(response_rows(out.hidden_states[-1], batch), teacher, targets)
+    return head(batch.response_rows(out.hidden_states[-1]), teacher, targets)
 
 
-def train_step(
-    engine, teacher, method, micro_batches: list[Batch], groups: ParallelGroups, vocab: int, watch, chunk: int = 0
-):
-    """One optimizer step over this rank's micro-batches; returns (loss share, loss parts share).
+def train_step(engine, teacher, method, micro_batches: list[Batch], groups: ParallelGroups, vocab: int, watch,
+               chunk: int = 0, step: int = 0):
+    """One optimizer step over this rank's micro-batches; returns (loss share, loss parts share, extras share).
 
     Each returned value is this rank's share of the global mean: summing it over ranks gives the
-    loss of the whole global batch. `chunk` bounds the divergence's fp32 working set on full logits.
+    loss of the whole global batch. `step` (0-based) keys every random draw of the step.
     """
+    ctx = StepContext(engine, teacher, groups, vocab, step, watch, chunk)
+    micro_batches = [method.responses(batch, ctx) for batch in micro_batches]  # dataset or rollouts
+    ctx.metrics["tokens"] = float(sum(b.num_tokens for b in micro_batches))  # what the student trains on
     global_tokens = global_token_count([b.loss_mask for b in micro_batches], groups)
     scale = backward_scale(groups, len(micro_batches))
     head = getattr(engine.module, "kd_head", None)  # the fused lm_head + loss, when attached
     loss_sum, parts_sum = 0.0, {}
     for batch in micro_batches:
+        method.before_student(batch, ctx)  # e.g. SAR's router step
         scores = None
         if teacher is not None:
             with watch.time("teacher_s"), torch.no_grad():
-                scores = teacher_scores(teacher, batch, vocab, fused=head is not None)
+                scores = teacher_scores(teacher, batch, vocab, head is not None, method.teacher_targets(step))
         with watch.time("student_s"):
             loss, parts = student_loss(engine, head, method, batch, scores, vocab, chunk)
             loss = loss / global_tokens
@@ -91,43 +94,46 @@ def train_step(
             engine.step()
         loss_sum += loss.item()
         parts_sum = {k: parts_sum.get(k, 0.0) + v.item() / global_tokens for k, v in parts.items()}
-    return loss_sum, parts_sum
+    return loss_sum, parts_sum, ctx.metrics
 
 
-def step_record(step, engine, groups, micro_batches, loss_sum, parts_sum, watch, step_time) -> dict:
-    """One metrics.jsonl line; losses are global means (the per-rank shares summed)."""
-    local_tokens = sum(b.num_tokens for b in micro_batches)
-    totals = torch.tensor([loss_sum, float(local_tokens), *parts_sum.values()], dtype=torch.float64)
+def step_record(step, engine, groups, shares, watch, step_time) -> dict:
+    """One metrics.jsonl line; losses and the method's extras are global (the per-rank shares summed)."""
+    loss_sum, parts_sum, extras = shares
+    named = {**parts_sum, **extras}
+    totals = torch.tensor([loss_sum, *named.values()], dtype=torch.float64)
     if groups.dp_group is not None:
         torch.distributed.all_reduce(totals, group=groups.dp_group)
+    named = {k: totals[1 + i].item() for i, k in enumerate(named)}
     return {
         "step": step,
         "loss": totals[0].item(),
-        **{k: totals[2 + i].item() for i, k in enumerate(parts_sum)},
+        **named,
         "lr": engine.get_lr()[0],
-        "tokens": int(totals[1].item()),
-        "tokens_per_s": totals[1].item() / step_time,
+        "tokens": int(named["tokens"]),
+        "tokens_per_s": named["tokens"] / step_time,
         "step_s": step_time,
-        "teacher_s": watch.totals.get("teacher_s", 0.0),
-        "student_s": watch.totals.get("student_s", 0.0),
+        **{k: watch.totals.get(k, 0.0) for k in ("teacher_s", "student_s")},
+        **{k: v for k, v in watch.totals.items() if k not in ("teacher_s", "student_s")},  # rollout_s, router_s
         "peak_memory_mb": peak_memory_mb(),
     }
 
 
-def save_checkpoint(engine, ckpt_dir, step: int) -> None:
+def save_checkpoint(engine, method, ckpt_dir, step: int) -> None:
     # DeepSpeed writes the tag folder first and `latest` last: a crash mid-save leaves `latest`
-    # on the previous complete checkpoint.
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step})
+    # on the previous complete checkpoint. The method's own state (SAR's routers) rides along.
+    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "method": method.state_dict()})
 
 
-def resume_from_checkpoint(engine, ckpt_dir) -> int:
-    """Load `ckpt_dir/latest` into the engine (weights, optimizer, scheduler); return its step."""
+def resume_from_checkpoint(engine, method, ckpt_dir) -> int:
+    """Load `ckpt_dir/latest` into the engine (weights, optimizer, scheduler) and the method; return its step."""
     if not (ckpt_dir / "latest").is_file():
         log.info("train.resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
         return 0
     path, client_state = engine.load_checkpoint(str(ckpt_dir))
     if path is None:
         raise RuntimeError(f"train.resume: DeepSpeed could not load the checkpoint in {ckpt_dir}")
+    method.load_state_dict(client_state.get("method", {}))
     log.info("resumed from %s at step %d", path, client_state["step"])
     return int(client_state["step"])
 
@@ -187,13 +193,13 @@ def train(cfg: RunConfig) -> dict:
         seed=cfg.train.seed,
         pad_token_id=tokenizer.pad_token_id,
     )
-    method = build_method(cfg)
+    method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups) if method.needs_teacher else None
     with phase("student engine"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab))
     ckpt_dir = run_dir / "checkpoints"
-    start_step = resume_from_checkpoint(engine, ckpt_dir) if cfg.train.resume else 0
+    start_step = resume_from_checkpoint(engine, method, ckpt_dir) if cfg.train.resume else 0
     gas = cfg.train.gradient_accumulation_steps
     for _ in range(start_step * gas):  # the data stream continues exactly where the checkpoint left it
         next(batches)
@@ -205,21 +211,20 @@ def train(cfg: RunConfig) -> dict:
     for step in progress:
         step_start, watch = time.perf_counter(), Stopwatch()
         micro_batches = [next(batches) for _ in range(gas)]
-        loss_sum, parts_sum = train_step(engine, teacher, method, micro_batches, groups, vocab, watch,
-                                         cfg.kd.token_chunk)
-        record = step_record(step + 1, engine, groups, micro_batches, loss_sum, parts_sum, watch,
-                             time.perf_counter() - step_start)
+        shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
+        record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             metrics.write(record)
         progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(engine, ckpt_dir, step + 1)
+            save_checkpoint(engine, method, ckpt_dir, step + 1)
         if validator is not None and validator.due(step + 1):
             validator.run(engine, step + 1)
     metrics.close()
     with phase("DeepSpeed checkpoint"):
         if not (cfg.train.save_every and cfg.train.steps % cfg.train.save_every == 0):
-            save_checkpoint(engine, ckpt_dir, cfg.train.steps)
+            save_checkpoint(engine, method, ckpt_dir, cfg.train.steps)
+    method.finish(StepContext(engine, teacher, groups, vocab, cfg.train.steps, Stopwatch()), run_dir)
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 
 

@@ -19,7 +19,7 @@ from ds_moekd.eval import cli as eval_cli
 from ds_moekd.eval.decode import Decoding, decode_shard
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import EvalSettings, evaluate, load_settings, prompt_ids, summarize
-from ds_moekd.eval.sampling import sample_next
+from ds_moekd.rng import Sampling, sample_tokens
 from ds_moekd.teacher import MoETeacher
 
 SETTINGS = EvalSettings(seeds=(10, 20), max_new_tokens=6, batch_size=2)
@@ -28,6 +28,11 @@ SETTINGS = EvalSettings(seeds=(10, 20), max_new_tokens=6, batch_size=2)
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     return write_eval_models(tmp_path_factory.mktemp("eval_models"))
+
+
+def sample_next(logits_BV, seed, keys_B, positions_B, vocab_limit=None):
+    return sample_tokens(logits_BV, Sampling(), seed=seed, step=0, keys_B=keys_B, positions_B=positions_B,
+                         vocab_limit=vocab_limit)
 
 
 def test_counter_sampling_follows_softmax_and_depends_only_on_its_key():

@@ -7,7 +7,8 @@ import itertools
 import pytest
 import torch
 
-from ds_moekd.routing import AllExperts, KASample, NativeTopK, RouterSpec, RoutingContext, counter_uniform
+from ds_moekd.rng import counter_uniform
+from ds_moekd.routing import AllExperts, KASample, NativeTopK, RouterSpec, RoutingContext
 
 
 def _route(renormalize: bool):

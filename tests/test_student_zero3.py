@@ -101,7 +101,7 @@ def _kd_step_on_rank(student_state, teacher_state, batches_per_rank, method, lr,
         attach_fused_loss_head(student, vocab=VOCAB, terms=build_method(cfg).terms, chunk=3, backend="torch")
     engine = sgd_engine(student, gas=len(micro_batches), lr=lr)
     teacher = teacher if method != "sft" else None  # any HF causal LM serves as the teacher here
-    loss_share, parts_share = train_step(engine, teacher, build_method(cfg), micro_batches, groups, VOCAB,
+    loss_share, parts_share, _ = train_step(engine, teacher, build_method(cfg), micro_batches, groups, VOCAB,
                                          Stopwatch(), chunk=3)
     local, total = partitioned_parameter_counts(engine)
     return {"loss_share": loss_share, "parts_share": parts_share, "params": full_params(engine), "local": local,
@@ -169,7 +169,7 @@ def _adam_steps_on_fixed_batch(model_dir, repo_config, batches, steps):
     before = full_params(engine)
     losses = []
     for _ in range(steps):
-        share, _ = train_step(engine, None, build_method(cfg), [batches[rank]], groups, VOCAB, Stopwatch())
+        share, _, _ = train_step(engine, None, build_method(cfg), [batches[rank]], groups, VOCAB, Stopwatch())
         total = torch.tensor([share])
         dist.all_reduce(total)
         losses.append(total.item())

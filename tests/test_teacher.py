@@ -11,6 +11,8 @@ from tiny_moe_checkpoints import NUM_EXPERTS, VOCAB, all_family_checkpoints
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ds_moekd.dist import ParallelGroups
+from ds_moekd.methods import TeacherTargets
+from ds_moekd.routing import KASample
 from ds_moekd.teacher import MoETeacher
 
 TOLERANCE = 1e-4  # fp32 logits
@@ -116,7 +118,32 @@ def test_fused_head_teacher_scores_are_its_response_logits(checkpoints, name):
     batch = collate(examples, pad_token_id=0)
     vocab = VOCAB - 3
     with torch.no_grad():
-        logits = teacher_scores(teacher, batch, vocab, fused=False)
-        hidden, weight = teacher_scores(teacher, batch, vocab, fused=True)
+        logits = teacher_scores(teacher, batch, vocab, False, TeacherTargets())
+        hidden, weight = teacher_scores(teacher, batch, vocab, True, TeacherTargets())
     assert logits.shape == (6, vocab) and weight.shape[0] == vocab
     torch.testing.assert_close(hidden @ weight.t(), logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "llama_moe"])
+def test_ka_batched_draws_equal_sequential_draws(checkpoints, name):
+    """KA's M draws run as one batched forward; each must equal a forward of its own with that draw
+    index, keyed by the rows' example ids, and the draws must differ from each other and per step."""
+    from ds_moekd.data.batching import TokenizedExample, collate
+    from ds_moekd.train import teacher_scores
+
+    teacher = MoETeacher.from_pretrained(checkpoints[name])
+    g = torch.Generator().manual_seed(4)
+    examples = [TokenizedExample(torch.randint(0, VOCAB, (p,), generator=g).tolist(),
+                                 torch.randint(0, VOCAB, (r,), generator=g).tolist()) for p, r in ((3, 4), (5, 2))]
+    batch = collate(examples, pad_token_id=0, example_ids=[17, 4])
+    policy = KASample(resample_prob=0.5, seed=3)
+    with torch.no_grad():
+        batched = teacher_scores(teacher, batch, VOCAB, False, TeacherTargets(policy.at_step(9), draws=3))
+        hidden, _ = teacher_scores(teacher, batch, VOCAB, True, TeacherTargets(policy.at_step(9), draws=3))
+        for draw in range(3):
+            alone = teacher(batch.input_ids, attention_mask=batch.attention_mask, routing=policy.at_step(9),
+                            sequence_index=batch.example_ids, draw_index=torch.full((2,), draw)).logits
+            torch.testing.assert_close(batched[draw], batch.response_rows(alone), rtol=1e-5, atol=1e-5)
+        next_step = teacher_scores(teacher, batch, VOCAB, False, TeacherTargets(policy.at_step(10), draws=3))
+    assert batched.shape == (3, 6, VOCAB) and hidden.shape[:2] == (3, 6)
+    assert not torch.allclose(batched[0], batched[1]) and not torch.allclose(batched, next_step)

@@ -55,6 +55,26 @@ class Batch:
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor  # [B, T] 1 = real token
     loss_mask: torch.Tensor  # [B, T-1] 1 where position t predicts a response token t+1
+    # Each row's global example id (its index in the training data): the key of every random
+    # choice made for it (rollout sampling, KA draws, gate noise; ds_moekd/rng.py).
+    example_ids: torch.Tensor  # [B] int64
+    prompt_lengths: torch.Tensor  # [B] int64
+
+    def response_rows(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        """Rows of `x` (logits or hidden states `[B, S, D]`) at positions that predict response tokens, `[N, D]`."""
+        return x_BSD[:, :-1][self.loss_mask.bool()]
+
+    def no_logits(self) -> torch.Tensor:
+        """`logits_to_keep` value that makes a Hugging Face causal LM skip its lm_head (no positions)."""
+        return torch.empty(0, dtype=torch.long, device=self.input_ids.device)
+
+    def prompts(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.input_ids, self.prompt_lengths.tolist(), strict=True)]
+
+    def responses(self) -> list[list[int]]:
+        ends = self.attention_mask.sum(dim=1).tolist()
+        return [row[n:end].tolist() for row, n, end in
+                zip(self.input_ids, self.prompt_lengths.tolist(), ends, strict=True)]
 
     @property
     def targets(self) -> torch.Tensor:  # [B, T-1]
@@ -65,7 +85,8 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
+def collate(examples: Sequence[TokenizedExample], pad_token_id: int, example_ids: Sequence[int] | None = None) -> Batch:
+    """`example_ids`: the rows' global ids (default 0..B-1; training passes dataset indices)."""
     seqs = [ex.prompt_ids + ex.response_ids for ex in examples]
     length = max(len(s) for s in seqs)
     input_ids = torch.full((len(seqs), length), pad_token_id, dtype=torch.long)
@@ -76,7 +97,9 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int) -> Batch:
         attention_mask[i, : len(seq)] = 1
         # position t predicts token t+1: response tokens sit at [len(prompt), len(seq))
         loss_mask[i, len(ex.prompt_ids) - 1 : len(seq) - 1] = 1
-    return Batch(input_ids, attention_mask, loss_mask)
+    ids = range(len(examples)) if example_ids is None else example_ids
+    prompt_lengths = torch.tensor([len(ex.prompt_ids) for ex in examples], dtype=torch.long)
+    return Batch(input_ids, attention_mask, loss_mask, torch.tensor(list(ids), dtype=torch.long), prompt_lengths)
 
 
 def rank_batches(
@@ -97,4 +120,4 @@ def rank_batches(
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n - global_batch + 1, global_batch):  # drop the ragged tail
             mine = order[start + dp_rank * micro_batch_size : start + (dp_rank + 1) * micro_batch_size]
-            yield collate([dataset.examples[i] for i in mine], pad_token_id)
+            yield collate([dataset.examples[i] for i in mine], pad_token_id, example_ids=mine)

@@ -1,13 +1,72 @@
-"""What a method decides: whether it needs the teacher, and the loss terms on response tokens."""
+"""What a method decides, and the defaults most methods keep (docs/methods.md).
+
+A training step (ds_moekd/train.py) asks the method, in order: where each micro-batch's responses
+come from (`responses`: the dataset, a student rollout, the teacher's own generation), anything to
+update before the student learns from a micro-batch (`before_student`: SAR's router step), how
+the teacher produces its targets (`teacher_targets`: routing policy and number of draws, keyed by
+the step) and the loss terms (`terms`). A method also owns its checkpoint state and what it
+writes when the run ends. The step itself never branches on the method.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
+
+from ds_moekd.data.batching import Batch
+from ds_moekd.dist import ParallelGroups
 from ds_moekd.losses import LossTerms
+from ds_moekd.routing import RoutingPolicy
+from ds_moekd.telemetry import Stopwatch
 
 
-class Method(Protocol):
+@dataclass(frozen=True)
+class TeacherTargets:
+    """How the teacher scores a micro-batch: routing policy (None: the family's native top-k) and
+    the number of draws stacked into one batched forward (KA's M)."""
+
+    routing: RoutingPolicy | None = None
+    draws: int = 1
+
+
+@dataclass
+class StepContext:
+    """What one optimizer step hands to the method's phases."""
+
+    engine: object  # the student's DeepSpeed engine
+    teacher: torch.nn.Module | None
+    groups: ParallelGroups
+    vocab: int  # the tokenizer's length: padded lm_head rows past it are never scored
+    step: int  # the global step being trained (0-based): a key of every random draw
+    watch: Stopwatch
+    chunk: int = 0  # tokens per loss chunk (0: automatic in the fused head)
+    metrics: dict[str, float] = field(default_factory=dict)  # extra per-step numbers (summed over micro-batches)
+
+
+class Method:
+    """Defaults: dataset responses, native teacher routing, one draw, nothing before the student step,
+    no state of its own."""
+
     name: str
-    needs_teacher: bool
-    terms: LossTerms  # computed on logits or through the fused lm_head head (losses/)
+    needs_teacher: bool = True
+    terms: LossTerms
+
+    def responses(self, batch: Batch, ctx: StepContext) -> Batch:
+        return batch
+
+    def before_student(self, batch: Batch, ctx: StepContext) -> None:
+        pass
+
+    def teacher_targets(self, step: int) -> TeacherTargets:
+        return TeacherTargets()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def finish(self, ctx: StepContext, run_dir: Path) -> None:
+        """Called on every rank after the last step (SAR exports its tuned teacher)."""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from ds_moekd.losses import LossTerms
+from ds_moekd.methods.base import Method
 
 
-class SupervisedFineTuning:
+class SupervisedFineTuning(Method):
     name = "sft"
     needs_teacher = False
     terms = LossTerms(ce_weight=1.0)

@@ -22,7 +22,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, Pre
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.routing import NativeTopK, RouterSpec, RoutingPolicy
 from ds_moekd.teacher.families import Family, check_activation, get_family
-from ds_moekd.teacher.generation import generate
 from ds_moekd.teacher.loading import CheckpointReader, find_block_prefix, read_local_experts
 from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
 from ds_moekd.teacher.routers import make_router
@@ -117,13 +116,18 @@ class MoETeacher(nn.Module):
         output_hidden_states: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
         return_gate_diagnostics: bool = False,
+        return_router_importance: bool = False,
+        noise_key: tuple[int, int] | None = None,
     ):
         """Logits of `input_ids [B, S]` under `routing` (None: the family's native top-k).
 
         Returns transformers' causal-LM output (`.logits [B, S, V]`); with `output_hidden_states`
         also `.last_hidden_state [B, S, H]` (after the final norm, the input of lm_head);
         `logits_to_keep` is transformers' (0: every position; an empty index tensor: none); with
-        `return_gate_diagnostics` also `.gate_diagnostics`, one `GateDiagnostics` per MoE layer.
+        `return_gate_diagnostics` also `.gate_diagnostics`, one `GateDiagnostics` per MoE layer; with
+        `return_router_importance` also `.router_importance`, per MoE layer each expert's router
+        probability summed over real tokens `[N]` (differentiable). `noise_key` (seed, step) keys the
+        gate noise of noisy-gate families in train mode.
 
         Keys of counter-based routing randomness: `sequence_index [B]` is each row's global index
         in the data (default 0..B-1), `draw_index [B]` its teacher draw (default 0; KA's M draws
@@ -148,6 +152,8 @@ class MoETeacher(nn.Module):
             draw_T=draws.to(device)[:, None].expand(batch, seq).reshape(-1),
             token_mask_T=mask_BS[:, -seq:].reshape(-1),
             diagnostics=[] if return_gate_diagnostics else None,
+            importance=[] if return_router_importance else None,
+            noise_key=noise_key,
         )
         for block in self._moe_blocks:
             block.active = active
@@ -162,13 +168,28 @@ class MoETeacher(nn.Module):
                 logits_to_keep=logits_to_keep,
             )
         finally:
-            for block in self._moe_blocks:
-                block.active = None
+            # A forward that trains the routers keeps its routing set: activation checkpointing
+            # recomputes the MoE layers during the backward. The next forward replaces it.
+            if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.router_parameters().values()):
+                for block in self._moe_blocks:
+                    block.active = None
         if output_hidden_states:
             out.last_hidden_state = out.hidden_states[-1]
         if return_gate_diagnostics:
             out.gate_diagnostics = active.diagnostics
+        if return_router_importance:
+            out.router_importance = active.importance
         return out
+
+    def router_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable router weights (gate networks, noise weights; never DeepSeek-V3's correction
+        bias, which is not learned by gradient), by checkpoint tensor name."""
+        return {
+            f"{block.checkpoint_prefix}.gate.{name}": param
+            for block in self._moe_blocks
+            for name, param in block.gate.named_parameters()
+            if name != "e_score_correction_bias"
+        }
 
     def forward_draws(
         self,
@@ -192,7 +213,37 @@ class MoETeacher(nn.Module):
         ).logits
         return logits.view(num_draws, batch, *logits.shape[1:])
 
-    generate = generate
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        seed: int = 0,
+        routing: RoutingPolicy | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        sequence_index: torch.Tensor | None = None,
+        vocab_limit: int | None = None,
+    ) -> torch.Tensor:
+        """Prompt plus new tokens `[B, S + n]` (left-padded prompts), decoded with a KV cache, every
+        rank of the EP group stepping together (ds_moekd/decoding.py). `vocab_limit` (the tokenizer's
+        length) keeps padded lm_head rows (Qwen, DeepSeek) from ever being chosen."""
+        from ds_moekd.decoding import decode_ids
+        from ds_moekd.rng import Sampling
+
+        if pad_token_id is None:
+            pad_token_id = eos_token_id if eos_token_id is not None else 0
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        new_tokens = decode_ids(
+            self, input_ids, mask, max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature=temperature) if do_sample else None, seed=seed, keys_B=sequence_index,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_limit=vocab_limit,
+            lockstep_group=self.groups.ep_group, routing=routing,
+        )
+        return torch.cat([input_ids, new_tokens], dim=1)
 
     def get_output_embeddings(self) -> torch.nn.Module:
         """The lm_head (replicated on every rank)."""
@@ -293,6 +344,7 @@ def _install_ep_blocks(
             groups=groups,
             shared_expert=shared[0] if shared else None,
             shared_expert_gate=shared[1] if len(shared) > 1 else None,
+            checkpoint_prefix=block_prefix,
         )
         _load_block_weights(block, reader, block_prefix, dtype)
         setattr(model.get_submodule(layer_prefix), attr, block)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.kernels import dense_experts, grouped_experts
+from ds_moekd.rng import NOISE_SLOT_BASE, CounterKey, counter_normal
 from ds_moekd.routing import RouterSpec, RoutingContext, RoutingPolicy
 from ds_moekd.teacher.dense_dispatch import dispatch_dense
 from ds_moekd.teacher.diagnostics import GateDiagnostics, gate_diagnostics
@@ -35,8 +36,13 @@ class ActiveRouting:
     sequence_T: torch.Tensor
     position_T: torch.Tensor
     draw_T: torch.Tensor
-    token_mask_T: torch.Tensor  # 1 for real tokens, 0 for padding (diagnostics only)
+    token_mask_T: torch.Tensor  # 1 for real tokens, 0 for padding (diagnostics, importance)
     diagnostics: list[GateDiagnostics] | None = None  # filled in layer order when not None
+    # Per layer, each expert's router probability summed over real tokens `[N]` (SAR's balance
+    # loss), differentiable; filled in layer order when not None.
+    importance: list[torch.Tensor] | None = None
+    # (seed, step) of the gate noise in train mode (families with noisy gates, SAR's router step)
+    noise_key: tuple[int, int] | None = None
 
 
 class ExpertParallelMoE(nn.Module):
@@ -52,9 +58,11 @@ class ExpertParallelMoE(nn.Module):
         groups: ParallelGroups,
         shared_expert: tuple[str, nn.Module] | None = None,
         shared_expert_gate: tuple[str, nn.Module] | None = None,
+        checkpoint_prefix: str = "",
     ):
         super().__init__()
         self.layer_index = layer_index
+        self.checkpoint_prefix = checkpoint_prefix  # the block's tensor names in the checkpoint start here
         self.router = router
         self.expert_ids = expert_ids
         self.groups = groups
@@ -86,10 +94,13 @@ class ExpertParallelMoE(nn.Module):
             )
         active = self.active
         x_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
-        logits_TN = self.gate(x_TH)
+        logits_TN = self._gate_logits(x_TH, active)
         router = self.router.for_layer(getattr(self.gate, "e_score_correction_bias", None))
         context = RoutingContext(self.layer_index, active.sequence_T, active.position_T, active.draw_T)
         expert_ids_TK, weights_TK = active.policy.route(logits_TN, router, context)
+        if active.importance is not None:
+            mask_T1 = active.token_mask_T[:, None].to(torch.float32)
+            active.importance.append((router.probabilities(logits_TN) * mask_T1).sum(dim=0))
         if active.diagnostics is not None:
             active.diagnostics.append(
                 gate_diagnostics(self.layer_index, logits_TN, router, expert_ids_TK, active.token_mask_T)
@@ -108,6 +119,12 @@ class ExpertParallelMoE(nn.Module):
                 expert_ffn=self._local_experts_dense,
             )
         else:
+            if logits_TN.requires_grad:
+                raise RuntimeError(
+                    f"MoE layer {self.layer_index}: router gradients need the dense dispatch (a policy that "
+                    f"uses more than half of the {router.num_experts} experts, e.g. AllExperts); the sparse "
+                    "all-to-all path has no backward"
+                )
             self._log_path("sparse all-to-all")
             out_TH, self.last_load_E = dispatch_sparse(
                 x_TH,
@@ -124,6 +141,17 @@ class ExpertParallelMoE(nn.Module):
                 shared_TH = torch.sigmoid(getattr(self, self._shared_gate_name)(x_TH)) * shared_TH
             out_TH = out_TH + shared_TH
         return out_TH.view_as(hidden_BSH)
+
+    def _gate_logits(self, x_TH: torch.Tensor, active: ActiveRouting) -> torch.Tensor:
+        """Router logits; in train mode a noisy gate (LLaMA-MoE) adds noise drawn from counter-based
+        normals keyed like the routing (ds_moekd/rng.py), so it does not depend on batching or EP size,
+        and activation checkpointing recomputes the same noise."""
+        if not (self.training and getattr(self.gate, "weight_noise", None) is not None and active.noise_key):
+            return self.gate(x_TH)
+        seed, step = active.noise_key
+        key = CounterKey(NOISE_SLOT_BASE - self.layer_index, active.sequence_T, active.position_T, active.draw_T)
+        normal_TN = counter_normal(seed, step, key, streams=self.router.num_experts).to(x_TH.dtype)
+        return self.gate(x_TH, normal_TN)
 
     def _local_experts_grouped(self, x_RH: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         return grouped_experts(x_RH, tokens_per_expert_E, self.w_gate_up_EHJ, self.w_down_EIH)

@@ -36,8 +36,9 @@ class LinearRouter(nn.Module):
 
 
 class MLPGate(nn.Module):
-    """LLaMA-MoE's TopKBalancedNoisyGate: logits = W2 tanh(W1 x); in train mode (SAR's router step)
-    it adds noise N(0, 1) * (softplus(W_noise x) + noise_epsilon), as the original gate does."""
+    """LLaMA-MoE's TopKBalancedNoisyGate: logits = W2 tanh(W1 x); given standard normals (the EP block
+    passes them in train mode, SAR's router step) it adds normal * (softplus(W_noise x) + noise_epsilon),
+    as the original gate does in training."""
 
     def __init__(
         self, num_experts: int, hidden: int, *, add_noise: bool, noise_epsilon: float, dtype: torch.dtype
@@ -52,11 +53,11 @@ class MLPGate(nn.Module):
         self.noise_epsilon = noise_epsilon
         self.requires_grad_(False)
 
-    def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_TH: torch.Tensor, standard_normal_TN: torch.Tensor | None = None) -> torch.Tensor:
         logits_TN = self.gate_network(x_TH)
-        if self.training and self.weight_noise is not None:
+        if standard_normal_TN is not None and self.weight_noise is not None:
             noise_std_TN = F.softplus(self.weight_noise(x_TH)) + self.noise_epsilon
-            logits_TN = logits_TN + torch.randn_like(logits_TN) * noise_std_TN
+            logits_TN = logits_TN + standard_normal_TN * noise_std_TN
         return logits_TN
 
 

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,29 @@ def test_json_configs_load_too(tmp_path):
 
 
 def test_shipped_run_configs_are_valid():
-    for path in sorted((REPO / "ds_configs").glob("*.yaml")):
-        load_config(path)
+    paths = sorted((REPO / "ds_configs").glob("*.yaml")) + sorted((REPO / "ds_configs/methods").glob("*.yaml"))
+    assert {load_config(p).method for p in paths} >= {"sft", "kd", "gkd", "all", "ka", "sar"}
+
+
+@pytest.mark.parametrize("override,where", [
+    ("gkd.divergence=tvd", "gkd.divergence='tvd'"),
+    ("gkd.on_policy_fraction=1.5", "gkd.on_policy_fraction=1.5"),
+    ("gkd.rollout=fast", "gkd.rollout='fast'"),
+    ("ka.draws=0", "ka.draws=0"),
+    ("ka.resample_prob=-0.1", "ka.resample_prob=-0.1"),
+    ("sar.router_lr=0", "sar.router_lr=0.0"),
+    ("sar.router_steps=-1", "sar.router_steps=-1"),
+])
+def test_method_sections_validate_their_fields(tmp_path, override, where):
+    with pytest.raises(ConfigError, match=re.escape(f"config field {where} is invalid")):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_method_section_errors_point_at_the_file_line(tmp_path):
+    bad = MINIMAL + "ka:\n  draws: 0\n"
+    lines = bad.splitlines().index("  draws: 0") + 1
+    with pytest.raises(ConfigError, match=rf"run.yaml:{lines}: config field ka.draws=0 is invalid"):
+        load_config(write(tmp_path, bad))
 
 
 def test_error_line_points_into_the_right_section(tmp_path):

@@ -30,7 +30,9 @@ from ds_moekd.train import train_step
 
 STEP, SEED, MAX_NEW = 7, 1234, 6
 LR, ROUTER_LR = 0.05, 0.5
-EXAMPLE_IDS = {0: [5, 9, 2], 1: [7]}
+# rank -> micro-batches -> global example ids
+ONE_MICRO_BATCH = {0: [[5, 9, 2]], 1: [[7]]}
+TWO_MICRO_BATCHES = {0: [[5, 9], [2]], 1: [[7], [11]]}
 
 
 class Tokens:
@@ -53,18 +55,25 @@ def tiny_student() -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def make_batches():
-    """rank -> [one micro-batch]: distinct prompt lengths, global example ids."""
+def make_batches(layout=ONE_MICRO_BATCH):
+    """rank -> micro-batches: distinct prompt lengths, global example ids."""
     g = torch.Generator().manual_seed(11)
     out = {}
-    for rank, ids in EXAMPLE_IDS.items():
-        examples = []
-        for _ in ids:
-            p = int(torch.randint(2, 7, (1,), generator=g))
-            tokens = torch.randint(1, VOCAB, (p + 3,), generator=g).tolist()
-            examples.append(TokenizedExample(tokens[:p], tokens[p:]))
-        out[rank] = [collate(examples, pad_token_id=0, example_ids=ids)]
+    for rank, micro in layout.items():
+        out[rank] = []
+        for ids in micro:
+            examples = []
+            for _ in ids:
+                p = int(torch.randint(2, 7, (1,), generator=g))
+                tokens = torch.randint(1, VOCAB, (p + 3,), generator=g).tolist()
+                examples.append(TokenizedExample(tokens[:p], tokens[p:]))
+            out[rank].append(collate(examples, pad_token_id=0, example_ids=ids))
     return out
+
+
+def rows(batches, rank):
+    """(prompt, example id) of every row of a rank, in order."""
+    return [(p, k) for b in batches[rank] for p, k in zip(b.prompts(), b.example_ids.tolist())]
 
 
 def run_config(method: str, rollout: str = "gather", **sections) -> RunConfig:
@@ -96,10 +105,9 @@ def uneven_eos(student, batches) -> int:
     def first(tokens, t):
         return tokens.index(t) if t in tokens else MAX_NEW
 
-    rollouts = {r: [reference_rollout(student, p, k, None) for p, k in zip(b[0].prompts(), EXAMPLE_IDS[r])]
-                for r, b in batches.items()}
+    rollouts = {r: [reference_rollout(student, p, k, None) for p, k in rows(batches, r)] for r in batches}
     for eos in rollouts[1][0]:
-        if first(rollouts[1][0], eos) < min(first(r, eos) for r in rollouts[0]):
+        if all(first(r1, eos) < min(first(r, eos) for r in rollouts[0]) for r1 in rollouts[1]):
             return eos
     raise AssertionError("no token ends rank 1's rollout first; change the seeds")
 
@@ -107,7 +115,7 @@ def uneven_eos(student, batches) -> int:
 def rollout_batch(student, batches, eos):
     examples, ids = [], []
     for r in (0, 1):
-        for prompt, key in zip(batches[r][0].prompts(), EXAMPLE_IDS[r]):
+        for prompt, key in rows(batches, r):
             examples.append(TokenizedExample(prompt, reference_rollout(student, prompt, key, eos)))
             ids.append(key)
     return collate(examples, pad_token_id=0, example_ids=ids)
@@ -185,7 +193,7 @@ def _method_step_on_rank(method, teacher_path, student_state, batches, eos, sect
     frozen_before = {n: p.clone() for n, p in teacher.named_parameters() if all(p is not r for r in routers.values())}
     cfg = run_config(method, rollout, **sections)
     chosen = build_method(cfg, Tokens(eos))
-    engine = sgd_engine(student, gas=1, lr=LR)
+    engine = sgd_engine(student, gas=len(batches[rank]), lr=LR)
     if method == "sar":  # SGD instead of AdamW: the update is then proportional to the router gradient
         trainer = chosen._trainer(teacher, groups)
         trainer.optimizer = torch.optim.SGD(list(trainer.masters.values()), lr=ROUTER_LR)
@@ -206,20 +214,24 @@ def teachers(tmp_path_factory):
 
 
 CASES = [
-    ("gkd", "mixtral", "gather", {}),
-    ("gkd", "mixtral", "layerwise", {}),
-    ("all", "mixtral", "gather", {}),
-    ("ka", "mixtral", "layerwise", {"ka": KAConfig(resample_prob=0.5, draws=2)}),
-    ("ka", "llama_moe", "gather", {"ka": KAConfig(resample_prob=0.5, draws=3)}),
-    ("sar", "llama_moe", "gather", {"sar": SARConfig(balance_weight=0.5, router_grad_clip=0.0)}),
-    ("sar", "mixtral", "layerwise", {"sar": SARConfig(activation_checkpointing=False, router_grad_clip=0.0)}),
+    ("gkd", "mixtral", "gather", {}, ONE_MICRO_BATCH),
+    ("gkd", "mixtral", "layerwise", {}, TWO_MICRO_BATCHES),
+    ("all", "mixtral", "gather", {}, ONE_MICRO_BATCH),
+    ("ka", "mixtral", "layerwise", {"ka": KAConfig(resample_prob=0.5, draws=2)}, ONE_MICRO_BATCH),
+    # micro-batches draw exactly what the whole batch draws (keys: step and example id)
+    ("ka", "mixtral", "gather", {"ka": KAConfig(resample_prob=0.5, draws=2)}, TWO_MICRO_BATCHES),
+    ("ka", "llama_moe", "gather", {"ka": KAConfig(resample_prob=0.5, draws=3)}, ONE_MICRO_BATCH),
+    ("sar", "llama_moe", "gather", {"sar": SARConfig(balance_weight=0.5, router_grad_clip=0.0)}, ONE_MICRO_BATCH),
+    ("sar", "mixtral", "layerwise", {"sar": SARConfig(activation_checkpointing=False, router_grad_clip=0.0)},
+     ONE_MICRO_BATCH),
 ]
 
 
-@pytest.mark.parametrize("method,family,rollout,sections", CASES)
-def test_two_rank_method_step_equals_one_process_reference(rank_pool2, teachers, method, family, rollout, sections):
+@pytest.mark.parametrize("method,family,rollout,sections,layout", CASES)
+def test_two_rank_method_step_equals_one_process_reference(rank_pool2, teachers, method, family, rollout, sections,
+                                                             layout):
     student_state = tiny_student().state_dict()
-    batches = make_batches()
+    batches = make_batches(layout)
     probe = tiny_student()
     eos = uneven_eos(probe, batches)
     draws = sections["ka"].draws if "ka" in sections else 1
@@ -230,7 +242,8 @@ def test_two_rank_method_step_equals_one_process_reference(rank_pool2, teachers,
                                                                   eos, draws, balance)
 
     lengths = ref_batch.attention_mask.sum(1) - ref_batch.prompt_lengths
-    assert lengths[3] < lengths[:3].max()  # rank 1's rollout ended first: lockstep had to hold
+    rank0 = len(rows(batches, 0))
+    assert lengths[rank0:].max() < lengths[:rank0].max()  # rank 1's rollouts ended first: lockstep had to hold
     assert sum(r["extras"]["tokens"] for r in results) == ref_batch.num_tokens
     assert sum(r["loss_share"] for r in results) == pytest.approx(ref_loss, rel=1e-5)
     before = tiny_student().state_dict()
@@ -257,19 +270,41 @@ def _rollouts_on_rank(mode, batches, eos, student_state):
     return out.responses(), out.example_ids.tolist(), out.prompts() == batches[rank][0].prompts()
 
 
+def _teacher_responses_on_rank(teacher_path, batches, eos):
+    rank = dist.get_rank()
+    groups = ParallelGroups.create(ep_size=2)
+    teacher = MoETeacher.from_pretrained(teacher_path, groups=groups)
+    cfg = run_config("gkd")
+    cfg = RunConfig(**{**cfg.__dict__, "gkd": GKDConfig(on_policy_fraction=0.0, seq_kd=True, max_new_tokens=MAX_NEW)})
+    chosen = build_method(cfg, Tokens(eos))
+    engine = sgd_engine(tiny_student(), gas=1, lr=LR)
+    ctx = StepContext(engine, teacher, groups, VOCAB, STEP, Stopwatch())
+    return chosen.responses(batches[rank][0], ctx).responses()
+
+
+def test_seq_kd_takes_the_expert_parallel_teachers_own_samples(rank_pool2, teachers):
+    """gkd.seq_kd with no on-policy rows: every response is sampled from the EP-2 teacher, exactly as
+    a one-process, cache-free decode of the teacher samples it."""
+    batches = make_batches()
+    teacher = MoETeacher.from_pretrained(teachers["mixtral"])
+    eos = uneven_eos(teacher, batches)
+    results = rank_pool2.run(_teacher_responses_on_rank, teachers["mixtral"], batches, eos)
+    for rank, responses in enumerate(results):
+        assert responses == [reference_rollout(teacher, p, k, eos) for p, k in rows(batches, rank)]
+
+
 def test_both_rollout_modes_give_the_reference_tokens(rank_pool2):
     """gather (whole student, hooks removed) and layerwise (ZeRO-3 gathers per layer, lockstep) sample
     exactly what a one-row, cache-free decode of the unsharded student samples."""
     student_state = tiny_student().state_dict()
     batches = make_batches()
     eos = uneven_eos(tiny_student(), batches)
-    expected = {r: [reference_rollout(tiny_student(), p, k, eos) for p, k in zip(b[0].prompts(), EXAMPLE_IDS[r])]
-                for r, b in batches.items()}
+    expected = {r: [reference_rollout(tiny_student(), p, k, eos) for p, k in rows(batches, r)] for r in batches}
     for mode in ("gather", "layerwise"):
         results = rank_pool2.run(_rollouts_on_rank, mode, batches, eos, student_state)
         for rank, (responses, ids, same_prompts) in enumerate(results):
             assert responses == expected[rank], mode
-            assert ids == EXAMPLE_IDS[rank] and same_prompts
+            assert ids == ONE_MICRO_BATCH[rank][0] and same_prompts
 
 
 def test_on_policy_fraction_mixes_rollouts_and_dataset_responses_by_example():

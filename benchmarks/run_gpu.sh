@@ -2,8 +2,8 @@
 # One prepared run on a lent GPU machine (its own torch/triton/transformers, no DeepSpeed, no install):
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR]      (default benchmarks/results/<gpu name>)
 # 1. the GPU kernel tests (bf16 vs fp32 references) and the CPU kernel tests, now on the GPU;
-# 2. the MoE-layer benchmark at the DESIGN §4 targets' presets, the whole-teacher benchmark and the
-#    fused-loss benchmark (time and peak memory against whole logits).
+# 2. the MoE-layer benchmark at the GPU targets' presets (docs/kernels.md), the whole-teacher benchmark
+#    and the fused-loss benchmark (time and peak memory against whole logits).
 # Each result is a JSON file named after its command; a failed step is recorded and the rest still run.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

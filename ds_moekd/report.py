@@ -95,6 +95,9 @@ def write_run_report(run_dir: Path, record: dict) -> None:
         f"- {tokens_per_s:.0f} tokens/s (all ranks, after the first tenth of steps)",
         f"- teacher forward {sum(m['teacher_s'] for m in steady) / len(steady) * 1000:.1f} ms/step, "
         f"student {sum(m['student_s'] for m in steady) / len(steady) * 1000:.1f} ms/step",
+        *(f"- {label} {sum(m[key] for m in steady) / len(steady) * 1000:.1f} ms/step"
+          for key, label in (("rollout_s", "student rollouts"), ("router_s", "SAR router step"))
+          if key in steady[0]),
         f"- peak memory (rank 0) {max(m['peak_memory_mb'] for m in metrics):.0f} MB",
         "",
         "## Parallel layout (read from the live engine and teacher)",
@@ -135,4 +138,6 @@ def write_run_report(run_dir: Path, record: dict) -> None:
             f"| before | {ev['before']['exact_match']:.2f} | {ev['before']['rouge_l']:.2f} |",
             f"| after {record['method']} | {ev['after']['exact_match']:.2f} | {ev['after']['rouge_l']:.2f} |",
         ]
+    if (run_dir / "sar_teacher_hf").is_dir():
+        lines += ["", "The SAR-tuned teacher (only its router tensors changed) is in `sar_teacher_hf/`."]
     write_text(run_dir / "report.md", "\n".join(lines) + "\n")

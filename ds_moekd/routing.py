@@ -5,7 +5,7 @@ The family's router flavour (`RouterSpec`) says how logits become scores, how th
 its top-k (correction bias, group limits) and how a chosen set of experts is weighted; a policy
 only chooses the set. So every policy applies the family's own weighting rule to its chosen
 experts: KA with λ=0 and K=N-1 is exactly the family's own top-(N-1) forward, and all-expert
-routing uses the original router weights (DESIGN §1).
+routing uses the original router weights (docs/methods/ka.md, docs/methods/all.md).
 
 Policies see a `RoutingContext` per layer call: the layer index and, per token, its global
 sequence index, position and draw index. Native top-k ignores it; KA derives each token's random
@@ -143,7 +143,7 @@ class AllExperts:
 
 @dataclass(frozen=True)
 class KASample:
-    """Knowledge Augmentation (DESIGN §1): per token and layer, K experts (default N-1).
+    """Knowledge Augmentation (docs/methods/ka.md): per token and layer, K experts (default N-1).
 
     With probability `resample_prob` the K experts are drawn without replacement from the router's
     probabilities (Gumbel-top-K, which is exactly sequential sampling without replacement),

@@ -4,6 +4,10 @@
     torchrun --nproc_per_node 2 -m ds_moekd.train --config ds_configs/quickstart.yaml
 
 or in one process with `ds-moekd train --config FILE [a.b=c ...]`.
+
+One step is the same for every method; the method supplies its phases (docs/methods.md): the
+responses of each micro-batch (dataset or rollouts), an update before the student's (SAR's
+router step), the teacher's routing and draws, and the loss terms.
 """
 
 from __future__ import annotations
@@ -157,6 +161,22 @@ def fused_head(cfg: RunConfig, method, vocab: int):
     )
 
 
+def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
+    """The tokenised training set and this rank's endless stream of micro-batches."""
+    with phase("data"):
+        dataset = tokenize_records(
+            load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format).records,
+            tokenizer,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            max_response_tokens=cfg.data.max_response_tokens,
+        )
+    log.info("%d training examples (%d prompts over the limit dropped)", len(dataset.examples),
+             dataset.dropped_long_prompts)
+    batches = rank_batches(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_rank=groups.dp_rank,
+                           dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id)
+    return dataset, batches
+
+
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
     check_paths_exist(cfg)
@@ -176,23 +196,7 @@ def train(cfg: RunConfig) -> dict:
     student_path = resolve_path(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
-    with phase("data"):
-        dataset = tokenize_records(
-            load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format).records,
-            tokenizer,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_response_tokens=cfg.data.max_response_tokens,
-        )
-    log.info("%d training examples (%d prompts over the limit dropped)", len(dataset.examples),
-             dataset.dropped_long_prompts)
-    batches = rank_batches(
-        dataset,
-        micro_batch_size=cfg.data.micro_batch_size,
-        dp_rank=groups.dp_rank,
-        dp_size=groups.dp_size,
-        seed=cfg.train.seed,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    dataset, batches = training_data(cfg, tokenizer, groups)
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups) if method.needs_teacher else None

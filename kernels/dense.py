@@ -1,4 +1,4 @@
-"""Dense all-expert path (DESIGN §4 path 2): every token through every expert, weighted.
+"""Dense all-expert path (docs/kernels.md, path 2): every token through every expert, weighted.
 
 Tokens go through in blocks of c rows (c = all T tokens on a GPU, CPU_TOKEN_CHUNK on CPU):
   gate_up [E, c, 2I] = x @ w_gate_up[e]            (one batched GEMM, no weight copy)

@@ -25,7 +25,7 @@ from .permute import permute_tokens, sort_by_expert, unpermute_tokens
 logger = logging.getLogger("ds_moekd.kernels")
 
 BACKENDS = ("torch", "triton", "torch_grouped_mm", "megablocks")
-DENSE_FRACTION = 0.5  # measured on H100 (DESIGN §4): dense GEMMs beat grouped ones well before k = E
+DENSE_FRACTION = 0.5  # an H100 measurement (docs/kernels.md): dense GEMMs beat grouped ones well before k = E
 LOSS_BACKENDS = ("torch", "triton")
 _logged: set[tuple] = set()
 _configured = {"experts": "auto", "loss": "auto"}

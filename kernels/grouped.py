@@ -1,4 +1,4 @@
-"""Sparse path (DESIGN §4 path 1): SwiGLU experts on rows grouped by expert, one grouped GEMM each
+"""Sparse path (docs/kernels.md, path 1): SwiGLU experts on rows grouped by expert, one grouped GEMM each
 for gate/up and down, with the backward for the inputs (expert weights are frozen).
 
 A backend is a grouped matmul `mm(a_RK, b_EKN, tokens_per_expert_E) -> [R, N]`; the Triton one also

@@ -47,7 +47,7 @@ def dense_swiglu_reference(
 ) -> torch.Tensor:
     """Every token through every (local) expert, weighted: sum_e g[t, e] * expert_e(x[t]).
 
-    The dense path of ALL/SAR/KA routing (DESIGN §4 path 2): a dropped expert is a zero weight.
+    The dense path of ALL/SAR/KA routing (docs/kernels.md, path 2): a dropped expert is a zero weight.
     Differentiable in x and in the gate weights (SAR's router gradient); returns x's dtype.
     """
     num_experts, hidden, _ = w_gate_up_EHJ.shape

@@ -38,7 +38,7 @@ def transformers_experts(w_gate_up, w_down, implementation: str):
     except ImportError as err:
         raise NotMeasured(f"transformers has no MixtralExperts: {err}") from None
     if implementation == "batched_mm" and w_gate_up.device.type == "cpu":
-        raise NotMeasured("batched_mm is not run on CPU (unusably slow there, DESIGN §7)")
+        raise NotMeasured("batched_mm is not run on CPU (unusably slow there, docs/kernels.md)")
     num_experts, hidden, two_inter = w_gate_up.shape
     config = MixtralConfig(
         hidden_size=hidden, intermediate_size=two_inter // 2, num_local_experts=num_experts

@@ -2,7 +2,7 @@
 
 Reports per implementation the time, the useful expert TFLOP/s (2·T·k·3·H·I for k experts per
 token) and the ratio to one plain `[T, H] × [H, 3·k·I]` GEMM of equal FLOPs timed in the same run.
-With `--routing ka`, T = M·N tokens (M draws of N batched, DESIGN §4 path 3), and ours is also
+With `--routing ka`, T = M·N tokens (M draws of N batched, docs/kernels.md, path 3), and ours is also
 timed as M sequential calls of N tokens.
 """
 

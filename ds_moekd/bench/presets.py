@@ -14,7 +14,8 @@ class MoEPreset:
 
 
 PRESETS = {
-    "tiny": MoEPreset(hidden=128, inter=256, num_experts=8, top_k=2),  # the embedded demo teacher (DESIGN §7)
+    # the demo teacher's H, E and k (docs/demo.md); its experts are 128 wide, these 256
+    "tiny": MoEPreset(hidden=128, inter=256, num_experts=8, top_k=2),
     "llama-moe-3.5b-4of16": MoEPreset(hidden=4096, inter=688, num_experts=16, top_k=4),
     "llama-moe-3.5b-2of8": MoEPreset(hidden=4096, inter=1376, num_experts=8, top_k=2),
     "mixtral-8x7b": MoEPreset(hidden=4096, inter=14336, num_experts=8, top_k=2),

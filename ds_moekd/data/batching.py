@@ -26,7 +26,7 @@ class TokenizedExample:
 @dataclass(frozen=True)
 class TokenizedDataset:
     examples: list[TokenizedExample]
-    dropped_long_prompts: int  # prompts over the limit, dropped and counted (DESIGN §6)
+    dropped_long_prompts: int  # prompts over the limit, dropped and counted (docs/data.md)
 
 
 def tokenize_records(

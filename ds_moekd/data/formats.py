@@ -1,4 +1,4 @@
-"""Evaluation data in the formats of DESIGN §6, from local files or 🤗 `datasets`, into `InstructionRecord`s.
+"""Instruction data in the formats of docs/data.md, from local files or 🤗 `datasets`, into `InstructionRecord`s.
 
 Formats (auto-detected from the first row's keys):
   minillm        `instruction`, `input`, `output` (a string, or a list of references for S-NI)

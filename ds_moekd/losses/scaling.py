@@ -1,4 +1,4 @@
-"""Loss normalisation across data-parallel ranks and accumulation micro-steps (DESIGN §1).
+"""Loss normalisation across data-parallel ranks and accumulation micro-steps (docs/methods.md).
 
 Losses are means over the response tokens of the *whole* global batch (every rank, every
 gradient-accumulation micro-step): each micro-step sums over its own tokens and divides by the

@@ -1,4 +1,4 @@
-"""Expert-parallel MoE teacher (see DESIGN §3, §5)."""
+"""Expert-parallel MoE teacher (docs/teacher.md, docs/parallelism.md)."""
 
 from ds_moekd.teacher.model import MoETeacher
 

@@ -1,4 +1,4 @@
-"""Gate diagnostics of one MoE layer forward, for reports (the paper's motivation, DESIGN §1).
+"""Gate diagnostics of one MoE layer forward, for reports (the paper's motivation, docs/teacher.md).
 
 Native top-k uses the k best experts; the router probability left on the others
 (`1 - sum of the native top-k probabilities`) is what ALL/KA/SAR reach. Recorded per layer for

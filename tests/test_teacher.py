@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.methods import TeacherTargets
-from ds_moekd.routing import KASample
+from ds_moekd.routing import AllExperts, KASample
 from ds_moekd.teacher import MoETeacher
 
 TOLERANCE = 1e-4  # fp32 logits
@@ -147,3 +147,32 @@ def test_ka_batched_draws_equal_sequential_draws(checkpoints, name):
         next_step = teacher_scores(teacher, batch, VOCAB, False, TeacherTargets(policy.at_step(10), draws=3))
     assert batched.shape == (3, 6, VOCAB) and hidden.shape[:2] == (3, 6)
     assert not torch.allclose(batched[0], batched[1]) and not torch.allclose(batched, next_step)
+
+
+def test_router_gradients_are_refused_on_the_sparse_path(checkpoints):
+    teacher = MoETeacher.from_pretrained(checkpoints["mixtral"])
+    for p in teacher.router_parameters().values():
+        p.requires_grad_(True)
+    ids = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(RuntimeError, match="router gradients need the dense dispatch"):
+        teacher(ids)  # native top-2 of 8 experts: the sparse all-to-all
+    assert teacher(ids, routing=AllExperts()).logits.requires_grad  # the dense path carries them
+
+
+def test_noisy_gate_noise_is_keyed_by_example_and_step_only(checkpoints):
+    """LLaMA-MoE's gate adds noise in train mode (SAR's router step); it is counter-based, so a row's
+    noise does not depend on its batch neighbours and a recomputation draws the same noise."""
+    teacher = MoETeacher.from_pretrained(checkpoints["llama_moe"])
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(2))
+    examples = torch.tensor([4, 8, 15])
+    with torch.no_grad():
+        clean = teacher(ids, routing=AllExperts(), sequence_index=examples).logits
+        teacher.train()
+        noisy = teacher(ids, routing=AllExperts(), sequence_index=examples, noise_key=(1, 3)).logits
+        again = teacher(ids, routing=AllExperts(), sequence_index=examples, noise_key=(1, 3)).logits
+        alone = teacher(ids[1:2], routing=AllExperts(), sequence_index=examples[1:2], noise_key=(1, 3)).logits
+        other_step = teacher(ids, routing=AllExperts(), sequence_index=examples, noise_key=(1, 4)).logits
+        teacher.eval()
+    assert not torch.allclose(noisy, clean) and not torch.allclose(noisy, other_step)
+    torch.testing.assert_close(again, noisy, rtol=0, atol=0)
+    torch.testing.assert_close(alone[0], noisy[1], rtol=1e-5, atol=1e-6)

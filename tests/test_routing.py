@@ -113,3 +113,24 @@ def test_counter_draws_are_pure_functions_of_their_keys():
         changed = RoutingContext(layer, base.sequence_T, base.position_T, base.draw_T)
         assert not torch.equal(counter_uniform(seed, step, changed, streams=5), u_TS)
     assert len(set(u_TS.reshape(-1).tolist())) == u_TS.numel()
+
+
+def test_sampling_cuts_to_top_k_and_the_top_p_nucleus():
+    from ds_moekd.rng import Sampling, sample_tokens
+
+    logits_V = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.06, 0.04]))
+    keys = torch.arange(4000)
+    positions = torch.zeros_like(keys)
+
+    def draw(**cut):
+        return sample_tokens(logits_V.expand(len(keys), -1), Sampling(**cut), seed=3, step=1, keys_B=keys,
+                             positions_B=positions)
+
+    assert set(draw(top_k=2).tolist()) == {0, 1}
+    assert set(draw(top_p=0.65).tolist()) == {0, 1}  # 0.4 + 0.3 reaches 0.65
+    assert set(draw(top_p=0.75).tolist()) == {0, 1, 2}
+    full = torch.bincount(draw(), minlength=5).double() / len(keys)
+    assert set(draw().tolist()) == set(range(5)) and abs(full[3].item() - 0.06) < 0.02
+    two = torch.bincount(draw(top_k=2), minlength=5).double() / len(keys)
+    assert abs(two[0].item() - 0.4 / 0.7) < 0.03  # renormalised over the kept tokens
+    assert torch.equal(draw(temperature=1e-4), torch.zeros_like(keys))  # near-greedy

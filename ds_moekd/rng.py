@@ -45,8 +45,9 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def _absorb(h: torch.Tensor, part) -> torch.Tensor:
-    """Fold one 64-bit key part (int or int64 tensor) into the running hash, 32 bits at a time."""
+def _absorb(h, part):
+    """Fold one 64-bit key part (int or int64 tensor) into the running hash (int or int64 tensor),
+    32 bits at a time."""
     for half in (part & _M32, (part >> 32) & _M32):
         h = _mix32(((h ^ half) + 0x9E3779B9) & _M32)
     return h
@@ -59,8 +60,11 @@ def counter_uniform(seed: int, step: int, key: CounterKey, *, streams: int, firs
     first and the rest only for the tokens that need them."""
     sequence_T = key.sequence_T.long()
     draw_T = torch.zeros_like(sequence_T) if key.draw_T is None else key.draw_T.long()
-    h_T = torch.full_like(sequence_T, 0x6A09E667)
-    for part in (seed, step, key.layer_index, draw_T, sequence_T, key.position_T.long()):
+    h = 0x6A09E667
+    for part in (seed, step, key.layer_index):  # the same for every token: hashed once, in Python
+        h = _absorb(h, part & 0xFFFFFFFFFFFFFFFF)
+    h_T = torch.full_like(sequence_T, h)
+    for part in (draw_T, sequence_T, key.position_T.long()):
         h_T = _absorb(h_T, part)
     stream_S = torch.arange(first_stream, first_stream + streams, device=h_T.device, dtype=torch.long)
     h_TS = _absorb(h_T[:, None].expand(-1, streams), stream_S[None, :])

@@ -4,9 +4,12 @@ same layer, and the JSON carries what the results table needs (no timing is asse
 from __future__ import annotations
 
 import json
+import math
 
 import torch
+from tiny_moe_checkpoints import NUM_EXPERTS, VOCAB, save_mixtral
 
+from ds_moekd.bench.ka import VARIANTS
 from ds_moekd.bench.moe_layer import main as moe_layer_main
 from ds_moekd.bench.teacher import run as teacher_run
 from ds_moekd.cli import main as cli_main
@@ -93,3 +96,36 @@ def test_teacher_bench_swaps_in_our_experts_with_the_same_logits():
     assert impls["ours"]["ms"] > 0
     assert impls["transformers_eager"]["max_abs_logit_diff_vs_ours"] < 1e-4
     assert impls["transformers_grouped_mm"]["max_abs_logit_diff_vs_ours"] < 1e-4
+
+
+def test_ka_bench_times_batched_and_sequential_draws_against_one_all_expert_forward(tmp_path):
+    teacher = save_mixtral(str(tmp_path / "mixtral"))
+    out = tmp_path / "ka.json"
+    cli_main(
+        ["bench", "ka", "--teacher", teacher, "--batch", "3", "--seq", "8", "--draws", "2"]
+        + ["--warmup", "0", "--iters", "1", "--rounds", "2", "--threads", "1", "--json", str(out)]
+    )
+    result = json.loads(out.read_text())
+    assert result["benchmark"] == "ka" and result["family"] == "mixtral" and result["dtype"] == "float32"
+    assert "cpu" in result["device"] and result["threads"] == 1 and result["versions"]["torch"]
+    assert (result["batch"], result["seq"], result["draws"], result["vocab"]) == (3, 8, 2, VOCAB)
+    assert result["num_experts"] == NUM_EXPERTS and result["ka_experts_per_token"] == NUM_EXPERTS - 1
+    assert 8 <= result["real_tokens"] < 3 * 8  # row 0 full, the others right-padded
+    # the M batched draws are the M sequential forwards' logits
+    assert result["max_abs_logit_diff_batched_vs_sequential"] < 1e-4
+    assert set(result["variants"]) == set(VARIANTS)
+    for variant in result["variants"].values():
+        assert variant["ms"] > 0 and len(variant["rounds_ms"]) == 2
+    ratios = result["ratios"]
+    for name in ("ka_batched_over_all", "ka_sequential_over_all", "all_over_native"):
+        for table in (ratios, result["ratios_of_fastest_rounds"]):
+            assert math.isfinite(table[name]) and table[name] > 0, name
+    assert len(result["ka_batched_over_all_by_round"]) == 2
+    assert result["target_ka_batched_over_all"] == 2.1
+    assert result["target_met"] == (ratios["ka_batched_over_all"] <= 2.1)
+    routing = result["routing"]
+    assert routing["tokens_per_layer"] == 2 * 3 * 8
+    for name in ("ka_route_ms", "ka_p0_route_ms", "ka_hash_ms", "all_route_ms", "ka_route_fraction_of_ka_batched"):
+        assert math.isfinite(routing[name]) and routing[name] > 0, name
+    assert routing["ka_hash_values"] >= 2 * 3 * 8  # KA draws at least a resample coin per token
+    assert result["source"]["commit"] is None or len(result["source"]["commit"]) == 40

@@ -1,4 +1,4 @@
-"""`ds-moekd bench {moe-layer, teacher, loss} ...`"""
+"""`ds-moekd bench {moe-layer, teacher, loss, ka} ...`"""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ def main(argv: list[str] | None = None) -> None:
         "moe-layer": "ds_moekd.bench.moe_layer",
         "teacher": "ds_moekd.bench.teacher",
         "loss": "ds_moekd.bench.loss",
+        "ka": "ds_moekd.bench.ka",
     }
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: ds-moekd bench {{{', '.join(commands)}}} [--help]")

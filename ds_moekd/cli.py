@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     demo_sub.add_parser("build", help="build the demo dataset, tokenizer, teacher and student", add_help=False)
     sub.add_parser("eval", help="score a model on instruction data (ROUGE-L, exact match)", add_help=False)
     sub.add_parser("report", help="compare runs and evaluation results: report.md + plots", add_help=False)
-    sub.add_parser("bench", help="benchmarks: moe-layer, teacher (no DeepSpeed needed)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka (no DeepSpeed needed)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from ds_moekd.train import main as train_main

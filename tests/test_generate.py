@@ -37,3 +37,16 @@ def test_sampling_repeats_with_a_seed_and_leaves_global_rng_alone(model_tokenize
     other = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, do_sample=True, seed=20)
     assert first == again and first != other
     assert not any(tokenizer.eos_token in text for text in first)
+
+
+def test_greedy_text_equals_transformers_own_generate(model_tokenizer_prompts):
+    """The project's decoder against an independent one: transformers' generate, one prompt at a time."""
+    model, tokenizer, prompts = model_tokenizer_prompts
+    ours = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=16)
+    for prompt, text in zip(prompts, ours):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids.shape[1]:].tolist()
+        new = new[: new.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in new else new
+        assert text == tokenizer.decode(new, skip_special_tokens=True)

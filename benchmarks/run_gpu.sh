@@ -2,8 +2,9 @@
 # One prepared run on a lent GPU machine (its own torch/triton/transformers, no DeepSpeed, no install):
 #   bash benchmarks/run_gpu.sh [RESULTS_DIR]      (default benchmarks/results/<gpu name>)
 # 1. the GPU kernel tests (bf16 vs fp32 references) and the CPU kernel tests, now on the GPU;
-# 2. the MoE-layer benchmark at the GPU targets' presets (docs/kernels.md), the whole-teacher benchmark
-#    and the fused-loss benchmark (time and peak memory against whole logits).
+# 2. the MoE-layer benchmark at the GPU targets' presets (docs/kernels.md), the whole-teacher benchmark,
+#    the fused-loss benchmark (time and peak memory against whole logits) and KA's batched draws
+#    against one all-expert forward (docs/methods/ka.md).
 # Each result is a JSON file named after its command; a failed step is recorded and the rest still run.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,12 +41,17 @@ bench moe-layer_llama-moe-3.5b-4of16_ka-M2-1024 moe-layer --preset llama-moe-3.5
 bench teacher_llama-moe-3.5b-4of16_all teacher --preset llama-moe-3.5b-4of16 --routing all
 bench loss_N4096_V32000 loss --tokens 4096 --hidden 2048 --teacher-hidden 4096 --vocab 32000
 bench loss_N4096_V151936 loss --tokens 4096 --hidden 2048 --teacher-hidden 4096 --vocab 151936
+bench ka_demo_B64_S256 ka --batch 64 --seq 256 --rounds 5  # KA M=2 batched vs one all-expert forward
 python - "$results" <<'PY'
 # one summary table of the targets (ratios to the equal-FLOP GEMM; teacher speed-ups)
 import json, pathlib, sys
 rows = []
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     r = json.loads(f.read_text())
+    if r.get("benchmark") == "ka":  # variants of one teacher, and their ratios
+        rows += [f"{f.stem:45s} {name:26s} {v['ms']:9.3f} ms" for name, v in r["variants"].items()]
+        rows.append(f"{f.stem:45s} {'ka_batched / all':26s} {r['ratios']['ka_batched_over_all']:.3f} (target <= 2.1)")
+        continue
     for name, m in r["implementations"].items():
         if "ms" not in m:
             rows.append(f"{f.stem:45s} {name:26s} {m['not_measured']}")

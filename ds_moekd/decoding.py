@@ -87,7 +87,7 @@ def decode_ids(
         else:  # this rank is done: a dummy step keeps the group's collectives matched
             feed_B = torch.full((batch,), pad_token_id, dtype=input_ids_BS.dtype, device=device)
         more = len(new_tokens) < max_new_tokens and not bool(done_B.all())
-        if not any_rank(more, lockstep_group, device):
+        if not group_max(int(more), lockstep_group, device):  # no rank of the group decodes any more
             break
         mask_BS = torch.cat([mask_BS, torch.ones_like(mask_BS[:, :1])], dim=1)
         logits_BV = forward(feed_B[:, None], next_position_B[:, None])
@@ -97,13 +97,13 @@ def decode_ids(
     return torch.stack(new_tokens, dim=1)
 
 
-def any_rank(flag: bool, group: dist.ProcessGroup | None, device: torch.device) -> bool:
-    """True when `flag` holds on any rank of `group` (every rank calls this)."""
+def group_max(value: int, group: dist.ProcessGroup | None, device: torch.device | str = "cpu") -> int:
+    """The largest `value` over the ranks of `group` (every rank calls this; None: this rank alone)."""
     if group is None:
-        return flag
-    flag_1 = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(flag_1, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag_1.item())
+        return value
+    value_1 = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(value_1, op=dist.ReduceOp.MAX, group=group)
+    return int(value_1.item())
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

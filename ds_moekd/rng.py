@@ -119,7 +119,8 @@ def sample_tokens(
         scaled_BV = scaled_BV.masked_fill(scaled_BV < kth_B1, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_BV, order_BV = scaled_BV.sort(dim=-1, descending=True)
-        before_BV = sorted_BV.softmax(dim=-1).cumsum(dim=-1) - sorted_BV.softmax(dim=-1)
+        probs_BV = sorted_BV.softmax(dim=-1)
+        before_BV = probs_BV.cumsum(dim=-1) - probs_BV  # mass of the tokens ranked above each one
         drop_BV = torch.zeros_like(before_BV, dtype=torch.bool).scatter(1, order_BV, before_BV >= sampling.top_p)
         scaled_BV = scaled_BV.masked_fill(drop_BV, float("-inf"))
     key = CounterKey(SAMPLING_SLOT, keys_B.to(logits_BV.device), positions_B.to(logits_BV.device))

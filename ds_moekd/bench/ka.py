@@ -327,11 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         default=1,
         help="time every variant this many times, interleaved (on a shared machine: many rounds, --iters 1)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args, opts = parse_with_run_options(parser, argv, gpu_warmup=2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = run(
         args.teacher,
         args.batch,

@@ -141,11 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--routing", choices=["native", "all", "ka"], default="native")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens (per draw for --routing ka)")
     parser.add_argument("--ka-draws", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     args, opts = parse_with_run_options(parser, argv, gpu_warmup=3)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     result = run(
         args.preset, args.routing, args.tokens, args.ka_draws, opts.dtype, opts.device, opts.warmup, opts.iters
     )

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from ds_moekd.decoding import cut_at_eos, decode_ids, left_pad
+from ds_moekd.decoding import cut_at_eos, decode_ids, group_max, left_pad
 from ds_moekd.rng import Sampling
 
 
@@ -26,14 +25,6 @@ class Decoding:
     seed: int | None  # None: greedy
     temperature: float = 1.0
     batch_size: int = 16
-
-
-def _group_max(value: int, group) -> int:
-    if group is None:
-        return value
-    t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
 
 
 def decode_shard(model, tokenizer, prompts: list[list[int]], keys: list[int], decoding: Decoding, *,
@@ -49,7 +40,7 @@ def decode_shard(model, tokenizer, prompts: list[list[int]], keys: list[int], de
     batches = [order[s:s + decoding.batch_size] for s in range(0, len(order), decoding.batch_size)]
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(prompts)
-    for b in range(_group_max(len(batches), lockstep_group)):
+    for b in range(group_max(len(batches), lockstep_group)):
         rows = batches[b] if b < len(batches) else []
         ids, mask = left_pad([prompts[i] for i in rows] or [[tokenizer.eos_token_id]], tokenizer.pad_token_id)
         keys_B = torch.tensor([keys[i] for i in rows] or [-1], dtype=torch.long)

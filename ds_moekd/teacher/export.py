@@ -7,7 +7,6 @@ no extra disk; a rewritten shard keeps each tensor's dtype and the file's metada
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,10 +16,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ds_moekd.atomic import replace_dir
+from ds_moekd.teacher.loading import tensor_files
 
 CONFIG_FILE = "config.json"
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 def export_with_replaced_tensors(
@@ -57,20 +55,12 @@ def _check_out_dir(source: Path, out: Path) -> None:
 
 
 def _shard_of_tensors(source: Path) -> dict[str, str]:
-    """Checkpoint tensor name -> shard file relative to `source` (the index wins over a single file,
-    as in teacher.loading.CheckpointReader)."""
+    """Checkpoint tensor name -> shard file relative to `source` (the teacher loader's own mapping)."""
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such checkpoint folder")
     if not (source / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{source}: no {CONFIG_FILE}; not a Hugging Face checkpoint folder")
-    if (source / INDEX_FILE).is_file():
-        with open(source / INDEX_FILE) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: Path(file).as_posix() for name, file in weight_map.items()}
-    if (source / SINGLE_FILE).is_file():
-        with safe_open(source / SINGLE_FILE, framework="pt") as f:
-            return dict.fromkeys(f.keys(), SINGLE_FILE)
-    raise FileNotFoundError(f"{source}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints can be exported")
+    return {name: Path(file).as_posix() for name, file in tensor_files(str(source)).items()}
 
 
 def _plan(source: Path, replacements: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

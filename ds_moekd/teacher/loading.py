@@ -28,26 +28,30 @@ _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def tensor_files(path: str) -> dict[str, str]:
+    """Checkpoint tensor name -> the safetensors file holding it, relative to `path` (a sharded
+    checkpoint's index wins over a single file)."""
+    index_path = os.path.join(path, INDEX_FILE)
+    single_path = os.path.join(path, SINGLE_FILE)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            return dict(json.load(f)["weight_map"])
+    if os.path.exists(single_path):
+        with safe_open(single_path, framework="pt") as f:
+            return dict.fromkeys(f.keys(), SINGLE_FILE)
+    raise FileNotFoundError(
+        f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; the teacher reads safetensors checkpoints "
+        "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
+    )
+
+
 class CheckpointReader:
     """Tensors of one checkpoint by name; `bytes_read` counts the bytes materialised so far."""
 
     def __init__(self, path: str, *, fp8_block: tuple[int, int] = (128, 128)):
         self.path = path
         self.fp8_block = fp8_block  # quantization_config.weight_block_size
-        index_path = os.path.join(path, INDEX_FILE)
-        single_path = os.path.join(path, SINGLE_FILE)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            self._file_of = {name: os.path.join(path, file) for name, file in weight_map.items()}
-        elif os.path.exists(single_path):
-            with safe_open(single_path, framework="pt") as f:
-                self._file_of = {name: single_path for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        else:
-            raise FileNotFoundError(
-                f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; the teacher reads safetensors checkpoints "
-                "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
-            )
+        self._file_of = {name: os.path.join(path, file) for name, file in tensor_files(path).items()}
         self._handles = ExitStack()
         self._open: dict[str, object] = {}
         self.bytes_read = 0

@@ -168,9 +168,9 @@ class MoETeacher(nn.Module):
                 logits_to_keep=logits_to_keep,
             )
         finally:
-            # A forward that trains the routers keeps its routing set: activation checkpointing
-            # recomputes the MoE layers during the backward. The next forward replaces it.
-            if not torch.is_grad_enabled() or not any(p.requires_grad for p in self.router_parameters().values()):
+            # A forward with gradients (SAR's router step) keeps its routing set: activation
+            # checkpointing recomputes the MoE layers during the backward. The next forward replaces it.
+            if not torch.is_grad_enabled():
                 for block in self._moe_blocks:
                     block.active = None
         if output_hidden_states:

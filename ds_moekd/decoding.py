@@ -25,6 +25,8 @@ from transformers import DynamicCache
 from ds_moekd.rng import Sampling, sample_tokens
 
 
+# no_grad, not inference_mode: synced validation decodes with the live ZeRO-3 module, and parameters
+# gathered under inference mode become inference tensors that the next training backward cannot save.
 @torch.no_grad()
 def decode_ids(
     model,

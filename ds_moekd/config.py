@@ -19,6 +19,7 @@ import yaml
 METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")  # ds_moekd/methods, one file each
 ON_POLICY_METHODS = ("gkd", "all", "ka", "sar")
 DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "sni", "chat")  # ds_moekd.data.formats
 # ds_moekd.kernels' backends (spelled out here so loading a config does not import the kernels)
 EXPERT_BACKENDS = ("auto", "torch", "triton", "torch_grouped_mm", "megablocks")
 LOSS_BACKENDS = ("auto", "torch", "triton")
@@ -32,7 +33,11 @@ class ConfigError(ValueError):
 class DataConfig:
     train_file: str  # instruction data: a file, a saved dataset dir or a dataset name (ds_moekd.data.formats)
     valid_file: str | None = None
-    format: str = "auto"  # auto, minillm, dolly, self-instruct, sni (of train_file, valid_file, report.eval_file)
+    format: str = "auto"  # auto, minillm, dolly, self-instruct, sni, chat (of train_file, valid_file, report.eval_file)
+    split: str | None = None  # train_file's split when it is a 🤗 dataset name or saved DatasetDict
+    valid_split: str | None = None  # the same for valid_file (and validation.file)
+    template: str = "alpaca"  # instruction records' prompt: alpaca, or chat (the student's chat template);
+    # `messages` data always uses the chat template (docs/data.md)
     max_prompt_tokens: int = 256  # longer prompts are dropped and counted
     max_response_tokens: int = 256  # longer responses are truncated
     micro_batch_size: int = 8  # sequences per rank per micro-step
@@ -157,6 +162,7 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     eval_file: str | None = None  # held-out data scored before/after training (default: data.valid_file)
+    eval_split: str | None = None  # eval_file's split when it is a 🤗 dataset name or saved DatasetDict
     eval_examples: int = 256  # how many of its records (0 = skip)
     max_new_tokens: int = 32
 
@@ -168,7 +174,7 @@ VALIDATION_METRICS = ("rouge_l", "exact_match", "exact_match_strict")
 class ValidationConfig:
     every: int = 0  # score the student every N optimizer steps (0 = never); see ds_moekd/eval/validation.py
     file: str | None = None  # default: data.valid_file
-    format: str = "auto"  # auto, minillm, dolly, self-instruct, sni
+    format: str = "auto"  # auto, minillm, dolly, self-instruct, sni, chat
     examples: int = 0  # the first N records (0 = all)
     max_new_tokens: int = 64
     greedy: bool = True  # False: sample (temperature 1) with `seed`
@@ -209,8 +215,8 @@ def _validate(cfg: RunConfig) -> None:
         ("teacher.dtype", cfg.teacher.dtype in DTYPES, f"one of {DTYPES}"),
         ("teacher.expert_backend", cfg.teacher.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
         ("kd.loss_backend", cfg.kd.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
-        ("data.format", cfg.data.format in ("auto", "minillm", "dolly", "self-instruct", "sni"),
-         "one of auto, minillm, dolly, self-instruct, sni"),
+        ("data.format", cfg.data.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
+        ("data.template", cfg.data.template in ("alpaca", "chat"), "alpaca or chat"),
         ("data.micro_batch_size", cfg.data.micro_batch_size >= 1, "at least 1"),
         ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "at least 1"),
         ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
@@ -229,8 +235,7 @@ def _validate(cfg: RunConfig) -> None:
         ("validation.every", cfg.validation.every >= 0, "0 (off) or more"),
         ("validation.file", not cfg.validation.every or cfg.validation.file or cfg.data.valid_file,
          "a validation file (or set data.valid_file)"),
-        ("validation.format", cfg.validation.format in ("auto", "minillm", "dolly", "self-instruct", "sni"),
-         "one of auto, minillm, dolly, self-instruct, sni"),
+        ("validation.format", cfg.validation.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
         ("validation.examples", cfg.validation.examples >= 0, "0 (all) or more"),
         ("validation.max_new_tokens", cfg.validation.max_new_tokens >= 1, "at least 1"),
         ("validation.batch_size", cfg.validation.batch_size >= 1, "at least 1"),

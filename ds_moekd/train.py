@@ -23,6 +23,7 @@ from ds_moekd import kernels
 from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
 from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
+from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
@@ -164,14 +165,13 @@ def fused_head(cfg: RunConfig, method, vocab: int):
 def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
     """The tokenised training set and this rank's endless stream of micro-batches."""
     with phase("data"):
-        dataset = tokenize_records(
-            load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format).records,
-            tokenizer,
-            max_prompt_tokens=cfg.data.max_prompt_tokens,
-            max_response_tokens=cfg.data.max_response_tokens,
-        )
-    log.info("%d training examples (%d prompts over the limit dropped)", len(dataset.examples),
-             dataset.dropped_long_prompts)
+        records = load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format,
+                                 split=cfg.data.split).records
+        used = install_template(tokenizer, conversations=any(r.messages for r in records), template=cfg.data.template)
+        dataset = tokenize_records(records, tokenizer, max_prompt_tokens=cfg.data.max_prompt_tokens,
+                                   max_response_tokens=cfg.data.max_response_tokens, template=cfg.data.template)
+    log.info("%d training examples (%d prompts over the limit dropped), prompts in %s", len(dataset.examples),
+             dataset.dropped_long_prompts, used)
     batches = rank_batches(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_rank=groups.dp_rank,
                            dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id)
     return dataset, batches

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ds_moekd.data.chat import end_with_eos, prompt_text, response_text
 from ds_moekd.data.instructions import InstructionRecord
-from ds_moekd.data.template import alpaca_prompt
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,24 @@ class TokenizedDataset:
 
 
 def tokenize_records(
-    records: Sequence[InstructionRecord], tokenizer, *, max_prompt_tokens: int, max_response_tokens: int
+    records: Sequence[InstructionRecord], tokenizer, *, max_prompt_tokens: int, max_response_tokens: int,
+    template: str = "alpaca",
 ) -> TokenizedDataset:
+    """Prompt and response text (data/chat.py) tokenised separately, so their boundary is a token boundary."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token: responses must end with one")
+    prompt_texts = [prompt_text(r, tokenizer, template) for r in records]
     # One batched call per side: fast tokenizers encode a list in parallel, a loop would not.
-    prompts = tokenizer([alpaca_prompt(r.instruction, r.input) for r in records], add_special_tokens=False)
-    responses = tokenizer([r.output for r in records], add_special_tokens=False)
+    prompts = tokenizer(prompt_texts, add_special_tokens=False)
+    responses = tokenizer([response_text(r, tokenizer, p) for r, p in zip(records, prompt_texts, strict=True)],
+                          add_special_tokens=False)
     examples, dropped = [], 0
     for prompt_ids, response_ids in zip(prompts["input_ids"], responses["input_ids"], strict=True):
         if len(prompt_ids) > max_prompt_tokens:
             dropped += 1
             continue
-        examples.append(TokenizedExample(prompt_ids, (response_ids + [tokenizer.eos_token_id])[:max_response_tokens]))
+        response_ids = end_with_eos(response_ids, tokenizer.eos_token_id)[:max_response_tokens]
+        examples.append(TokenizedExample(prompt_ids, response_ids))
     if not examples:
         raise ValueError(f"every one of {len(records)} prompts is longer than max_prompt_tokens={max_prompt_tokens}")
     return TokenizedDataset(examples, dropped)

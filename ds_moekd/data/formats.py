@@ -7,6 +7,8 @@ Formats (auto-detected from the first row's keys):
   vicuna         questions (`question_id`, `category`, `text` or `turns`) joined by `question_id` with a
                  separate answers file (`text`, or `choices[0].turns[0]`)
   sni            Super-NaturalInstructions task JSON (`Definition`, `Instances: [{input, output: [..]}]`)
+  chat           `messages: [{role, content}, ...]` ending with the assistant's reply (system/user/assistant
+                 roles); the earlier turns are the prompt, rendered with the chat template (data/chat.py)
 
 Every record's `meta["category"]` holds what the data groups by (Dolly category, Self-Instruct
 `motivation_app`, Vicuna category, S-NI task), when the data has one. Errors name file:line
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from ds_moekd.data.instructions import InstructionRecord
 
-FORMATS = ("minillm", "dolly", "self-instruct", "vicuna", "sni")
+FORMATS = ("minillm", "dolly", "self-instruct", "vicuna", "sni", "chat")
 
 Row = tuple[str, dict]  # (where it came from, e.g. "file.jsonl:12", the row)
 
@@ -60,6 +62,8 @@ def load_eval_data(source: str, *, format: str = "auto", references: str | None 
 
 def detect_format(where: str, row: dict) -> str:
     keys = set(row)
+    if "messages" in keys:
+        return "chat"
     if {"Definition", "Instances"} <= keys:
         return "sni"
     if "question_id" in keys:
@@ -135,7 +139,8 @@ def _read_dataset(source: str, split: str | None, *, saved: bool) -> Iterator[Ro
     if isinstance(data, datasets.DatasetDict):
         if split is None:
             if len(data) != 1:
-                raise ValueError(f"{source}: has splits {sorted(data)}; choose one with --split")
+                raise ValueError(f"{source}: has splits {sorted(data)}; choose one (data.split in a run config, "
+                                 "--split for ds-moekd eval)")
             split = next(iter(data))
         if split not in data:
             raise ValueError(f"{source}: no split {split!r}; it has {sorted(data)}")
@@ -259,7 +264,28 @@ def _join_vicuna(questions: list[Row], answers: list[Row], source: str) -> EvalD
     return EvalData(records, "vicuna", source, unreferenced=unreferenced)
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def _chat(where: str, row: dict) -> list[InstructionRecord]:
+    _need(where, row, "messages")
+    turns = row["messages"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise ValueError(f"{where}: messages[{i}] must be {{role: one of {ROLES}, content: a string}}, "
+                             f"got {turn!r}")
+    if turns[-1]["role"] != "assistant" or not any(t["role"] == "user" for t in turns):
+        raise ValueError(f"{where}: 'messages' must hold a user turn and end with the assistant's reply")
+    prompt = tuple({"role": t["role"], "content": t["content"]} for t in turns[:-1])
+    last_user = next(t["content"] for t in reversed(prompt) if t["role"] == "user")
+    meta = {"where": where, **({"category": row["category"]} if _has(row, "category") else {})}
+    return [InstructionRecord(last_user, "", (turns[-1]["content"],), meta, messages=prompt)]
+
+
 _PARSERS = {
+    "chat": _chat,
     "minillm": lambda where, row: [_minillm(where, row)],
     "dolly": _dolly,
     "self-instruct": _self_instruct,

@@ -17,9 +17,9 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+from ds_moekd.data.chat import prompt_text
 from ds_moekd.data.formats import EvalData
 from ds_moekd.data.instructions import InstructionRecord
-from ds_moekd.data.template import alpaca_prompt
 from ds_moekd.eval.decode import Decoding, decode_shard
 from ds_moekd.eval.metrics import exact_match, rouge_l
 
@@ -73,15 +73,7 @@ def load_settings(path: str | Path, **overrides) -> EvalSettings:
 
 def prompt_ids(record: InstructionRecord, tokenizer, template: str) -> list[int]:
     """The prompt's token ids; the same text and tokenisation (no added specials) as training."""
-    if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("--template chat: the tokenizer has no chat template; use --template alpaca")
-        content = f"{record.instruction}\n\n{record.input}" if record.input.strip() else record.instruction
-        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True)
-    else:
-        text = alpaca_prompt(record.instruction, record.input)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt_text(record, tokenizer, template), add_special_tokens=False)["input_ids"]
 
 
 def _mean_std(values: list[float]) -> dict:

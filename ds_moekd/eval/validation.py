@@ -39,11 +39,13 @@ class Validator:
         self.run_dir: Path = cfg.run_dir
         self.tokenizer = tokenizer
         self.groups = groups
-        data = load_eval_data(str(resolve_path(self.cfg.file or cfg.data.valid_file)), format=self.cfg.format)
+        data = load_eval_data(str(resolve_path(self.cfg.file or cfg.data.valid_file)), format=self.cfg.format,
+                              split=cfg.data.valid_split)
         records = data.records[: self.cfg.examples] if self.cfg.examples else data.records
         self.data = EvalData(records, data.format, data.source)
         self.settings = EvalSettings(seeds=(self.cfg.seed,), greedy=self.cfg.greedy, max_new_tokens=self.cfg.max_new_tokens,
-                                     max_prompt_tokens=cfg.data.max_prompt_tokens, batch_size=self.cfg.batch_size)
+                                     max_prompt_tokens=cfg.data.max_prompt_tokens, batch_size=self.cfg.batch_size,
+                                     template=cfg.data.template)
         self._replica = None
         # A fresh run starts a new curve; a resumed one keeps the scores up to its checkpoint
         # (and the best so far, so a worse later score never replaces the kept best student).

@@ -19,6 +19,7 @@ import yaml
 METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")  # ds_moekd/methods, one file each
 ON_POLICY_METHODS = ("gkd", "all", "ka", "sar")
 DTYPES = ("float32", "bfloat16", "float16")
+LR_SCHEDULES = ("cosine", "linear", "constant")  # ds_moekd/student/schedule.py
 DATA_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "sni", "chat")  # ds_moekd.data.formats
 # ds_moekd.kernels' backends (spelled out here so loading a config does not import the kernels)
 EXPERT_BACKENDS = ("auto", "torch", "triton", "torch_grouped_mm", "megablocks")
@@ -62,7 +63,8 @@ class OptimConfig:
     lr: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 10
-    min_lr_ratio: float = 0.1  # cosine decay floor, as a fraction of lr
+    schedule: str = "cosine"  # after warmup: cosine or linear decay to min_lr_ratio, or constant
+    min_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
     grad_clip: float = 1.0
 
 
@@ -152,6 +154,7 @@ class SARConfig:
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     steps: int = 100
+    epochs: int = 0  # > 0: train this many passes over the data instead of `steps`
     gradient_accumulation_steps: int = 1
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
@@ -222,12 +225,14 @@ def _validate(cfg: RunConfig) -> None:
         ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
         ("optim.lr", cfg.optim.lr > 0, "positive"),
         ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "0 or more"),
+        ("optim.schedule", cfg.optim.schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
         ("optim.min_lr_ratio", 0 <= cfg.optim.min_lr_ratio <= 1, "between 0 and 1"),
         ("kd.temperature", cfg.kd.temperature > 0, "positive"),
         ("kd.ce_weight", cfg.kd.ce_weight >= 0, "0 or more"),
         ("kd.kl_weight", cfg.kd.kl_weight >= 0, "0 or more"),
         ("kd.token_chunk", cfg.kd.token_chunk >= 0, "0 or more"),
         ("train.steps", cfg.train.steps >= 1, "at least 1"),
+        ("train.epochs", cfg.train.epochs >= 0, "0 (use train.steps) or more"),
         ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "at least 1"),
         ("train.log_every", cfg.train.log_every >= 1, "at least 1"),
         ("train.save_every", cfg.train.save_every >= 0, "0 or more"),

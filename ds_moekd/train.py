@@ -13,6 +13,7 @@ router step), the teacher's routing and draws, and the loss terms.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer
 from ds_moekd import kernels
 from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
-from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
+from ds_moekd.data.batching import Batch, micro_batches_per_epoch, rank_batches, tokenize_records
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
@@ -31,6 +32,7 @@ from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
+from ds_moekd.student.schedule import total_steps
 from ds_moekd.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
 
 
@@ -177,6 +179,16 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
     return dataset, batches
 
 
+def with_run_length(cfg: RunConfig, dataset, groups: ParallelGroups) -> RunConfig:
+    """`cfg` with `train.steps` set from `train.epochs` when epochs are given."""
+    per_epoch = micro_batches_per_epoch(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_size=groups.dp_size)
+    steps = total_steps(cfg.train.steps, cfg.train.epochs, per_epoch, cfg.train.gradient_accumulation_steps)
+    if cfg.train.epochs:
+        log.info("train.epochs=%d: %d optimizer steps (%d micro-batches per rank per epoch)", cfg.train.epochs,
+                 steps, per_epoch)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+
+
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
     check_paths_exist(cfg)
@@ -189,14 +201,15 @@ def train(cfg: RunConfig) -> dict:
     kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
 
     student_path = resolve_path(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
     dataset, batches = training_data(cfg, tokenizer, groups)
+    cfg = with_run_length(cfg, dataset, groups)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups) if method.needs_teacher else None

@@ -107,6 +107,11 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int, example_ids
     return Batch(input_ids, attention_mask, loss_mask, torch.tensor(list(ids), dtype=torch.long), prompt_lengths)
 
 
+def micro_batches_per_epoch(dataset: TokenizedDataset, *, micro_batch_size: int, dp_size: int) -> int:
+    """Micro-batches one rank takes per pass over the data (`rank_batches` drops the ragged tail)."""
+    return len(dataset.examples) // (micro_batch_size * dp_size)
+
+
 def rank_batches(
     dataset: TokenizedDataset,
     *,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import deepspeed
@@ -11,8 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
-from ds_moekd.config import OptimConfig, RunConfig
+from ds_moekd.config import RunConfig
 from ds_moekd.dist import init_distributed
+from ds_moekd.student.schedule import lr_factor
 
 # Values of the DeepSpeed JSON that the run config owns; "auto" in the JSON means "fill in".
 _AUTO_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -46,19 +46,6 @@ def load_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int) -> 
     return ds
 
 
-def warmup_cosine(optim: OptimConfig, total_steps: int):
-    """LR multiplier: linear warmup, then cosine decay to min_lr_ratio."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / (optim.warmup_steps + 1)
-        progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * cosine
-
-    return factor
-
-
 def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prepare_model=None):
     """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON); `prepare_model`
     (model -> None) runs in between, e.g. to attach the fused loss head (losses/fused.py)."""
@@ -73,7 +60,7 @@ def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prep
     optimizer = None
     if not has_ds_optimizer:
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    schedule = warmup_cosine(cfg.optim, cfg.train.steps)
+    schedule = lr_factor(cfg.optim, cfg.train.steps)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

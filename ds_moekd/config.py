@@ -41,7 +41,8 @@ class DataConfig:
     # `messages` data always uses the chat template (docs/data.md)
     max_prompt_tokens: int = 256  # longer prompts are dropped and counted
     max_response_tokens: int = 256  # longer responses are truncated
-    micro_batch_size: int = 8  # sequences per rank per micro-step
+    micro_batch_size: int = 8  # sequences (packed rows with `packing`) per rank per micro-step
+    packing: bool = False  # pack examples into rows of max_prompt_tokens + max_response_tokens (sft, kd)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -221,6 +222,8 @@ def _validate(cfg: RunConfig) -> None:
         ("data.format", cfg.data.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
         ("data.template", cfg.data.template in ("alpaca", "chat"), "alpaca or chat"),
         ("data.micro_batch_size", cfg.data.micro_batch_size >= 1, "at least 1"),
+        ("data.packing", not cfg.data.packing or cfg.method in ("sft", "kd"),
+         f"false for method {cfg.method!r}: packing applies to dataset responses (sft, kd)"),
         ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "at least 1"),
         ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
         ("optim.lr", cfg.optim.lr > 0, "positive"),

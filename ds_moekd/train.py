@@ -26,6 +26,7 @@ from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_conf
 from ds_moekd.data.batching import Batch, micro_batches_per_epoch, rank_batches, tokenize_records
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
+from ds_moekd.data.packing import pack
 from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
@@ -44,8 +45,7 @@ def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool, targets: Teac
     at a time as well."""
     draws, rows = targets.draws, batch.input_ids.shape[0]
     out = teacher(
-        batch.input_ids.repeat(draws, 1),
-        attention_mask=batch.attention_mask.repeat(draws, 1),
+        **batch.model_inputs(draws),
         routing=targets.routing,
         sequence_index=batch.example_ids.repeat(draws),
         draw_index=torch.arange(draws, device=batch.input_ids.device).repeat_interleave(rows),
@@ -63,11 +63,10 @@ def student_loss(engine, head, method, batch: Batch, teacher, vocab: int, chunk:
     fused lm_head `head` (losses/fused.py) when there is one, else on full logits."""
     targets = batch.targets[batch.loss_mask.bool()]
     if head is None:
-        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = engine(**batch.model_inputs()).logits
         return method.terms.on_logits(batch.response_rows(logits)[:, :vocab], teacher, targets, chunk)
     out = engine(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
+        **batch.model_inputs(),
         output_hidden_states=True,
         logits_to_keep=batch.no_logits(),
     )
@@ -165,7 +164,8 @@ def fused_head(cfg: RunConfig, method, vocab: int):
 
 
 def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
-    """The tokenised training set and this rank's endless stream of micro-batches."""
+    """The tokenised training set, this rank's endless stream of micro-batches, and how many rows
+    (examples, or packed rows with `data.packing`) one epoch has."""
     with phase("data"):
         records = load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format,
                                  split=cfg.data.split).records
@@ -174,14 +174,19 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
                                    max_response_tokens=cfg.data.max_response_tokens, template=cfg.data.template)
     log.info("%d training examples (%d prompts over the limit dropped), prompts in %s", len(dataset.examples),
              dataset.dropped_long_prompts, used)
+    packs = None
+    if cfg.data.packing:
+        packs = pack(dataset.examples, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens)
+        log.info("data.packing: %d examples in %d rows", len(dataset.examples), len(packs))
     batches = rank_batches(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_rank=groups.dp_rank,
-                           dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id)
-    return dataset, batches
+                           dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
+                           packs=packs)
+    return dataset, batches, len(packs if packs is not None else dataset.examples)
 
 
-def with_run_length(cfg: RunConfig, dataset, groups: ParallelGroups) -> RunConfig:
+def with_run_length(cfg: RunConfig, rows: int, groups: ParallelGroups) -> RunConfig:
     """`cfg` with `train.steps` set from `train.epochs` when epochs are given."""
-    per_epoch = micro_batches_per_epoch(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_size=groups.dp_size)
+    per_epoch = micro_batches_per_epoch(rows, micro_batch_size=cfg.data.micro_batch_size, dp_size=groups.dp_size)
     steps = total_steps(cfg.train.steps, cfg.train.epochs, per_epoch, cfg.train.gradient_accumulation_steps)
     if cfg.train.epochs:
         log.info("train.epochs=%d: %d optimizer steps (%d micro-batches per rank per epoch)", cfg.train.epochs,
@@ -205,8 +210,8 @@ def train(cfg: RunConfig) -> dict:
     student_path = resolve_path(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
-    dataset, batches = training_data(cfg, tokenizer, groups)
-    cfg = with_run_length(cfg, dataset, groups)
+    dataset, batches, rows = training_data(cfg, tokenizer, groups)
+    cfg = with_run_length(cfg, rows, groups)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

@@ -64,6 +64,15 @@ class Batch:
     # choice made for it (rollout sampling, KA draws, gate noise; ds_moekd/rng.py).
     example_ids: torch.Tensor  # [B] int64
     prompt_lengths: torch.Tensor  # [B] int64
+    # Packed rows (data/packing.py): positions restarting at each example; the model then gets no mask.
+    position_ids: torch.Tensor | None = None  # [B, T]
+
+    def model_inputs(self, repeat: int = 1) -> dict:
+        """Keyword arguments of a causal LM's (or the teacher's) forward, the batch stacked `repeat` times."""
+        if self.position_ids is None:
+            return {"input_ids": self.input_ids.repeat(repeat, 1), "attention_mask": self.attention_mask.repeat(repeat, 1)}
+        return {"input_ids": self.input_ids.repeat(repeat, 1), "attention_mask": None,
+                "position_ids": self.position_ids.repeat(repeat, 1)}
 
     def response_rows(self, x_BSD: torch.Tensor) -> torch.Tensor:
         """Rows of `x` (logits or hidden states `[B, S, D]`) at positions that predict response tokens, `[N, D]`."""
@@ -107,9 +116,9 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int, example_ids
     return Batch(input_ids, attention_mask, loss_mask, torch.tensor(list(ids), dtype=torch.long), prompt_lengths)
 
 
-def micro_batches_per_epoch(dataset: TokenizedDataset, *, micro_batch_size: int, dp_size: int) -> int:
-    """Micro-batches one rank takes per pass over the data (`rank_batches` drops the ragged tail)."""
-    return len(dataset.examples) // (micro_batch_size * dp_size)
+def micro_batches_per_epoch(rows: int, *, micro_batch_size: int, dp_size: int) -> int:
+    """Micro-batches one rank takes per pass over `rows` examples or packed rows (the ragged tail is dropped)."""
+    return rows // (micro_batch_size * dp_size)
 
 
 def rank_batches(
@@ -120,14 +129,22 @@ def rank_batches(
     dp_size: int,
     seed: int,
     pad_token_id: int,
+    packs: list[list[int]] | None = None,
 ) -> Iterator[Batch]:
-    """Endless stream of this rank's micro-batches; a fresh seeded permutation every epoch."""
-    n, global_batch = len(dataset.examples), micro_batch_size * dp_size
+    """Endless stream of this rank's micro-batches; a fresh seeded permutation every epoch. With
+    `packs` (data/packing.py) a row is one pack of examples and the permutation is over packs."""
+    from ds_moekd.data.packing import collate_packed
+
+    n, global_batch = len(packs if packs is not None else dataset.examples), micro_batch_size * dp_size
     if n < global_batch:
-        raise ValueError(f"{n} training examples cannot fill one global batch of {global_batch}")
+        what = "packed rows" if packs is not None else "training examples"
+        raise ValueError(f"{n} {what} cannot fill one global batch of {global_batch}")
     for epoch in itertools.count():
         generator = torch.Generator().manual_seed(seed + epoch)
         order = torch.randperm(n, generator=generator).tolist()
         for start in range(0, n - global_batch + 1, global_batch):  # drop the ragged tail
             mine = order[start + dp_rank * micro_batch_size : start + (dp_rank + 1) * micro_batch_size]
-            yield collate([dataset.examples[i] for i in mine], pad_token_id, example_ids=mine)
+            if packs is None:
+                yield collate([dataset.examples[i] for i in mine], pad_token_id, example_ids=mine)
+            else:
+                yield collate_packed([[dataset.examples[i] for i in packs[j]] for j in mine], pad_token_id, mine)

@@ -396,6 +396,7 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 def check_paths_exist(cfg: RunConfig) -> None:
     """Fail early, naming the field, when an input the run reads is missing."""
     from ds_moekd.assets import resolve_path
+    from ds_moekd.models import resolve_model
 
     fields = {
         "data.train_file": cfg.data.train_file,
@@ -408,8 +409,8 @@ def check_paths_exist(cfg: RunConfig) -> None:
     for field_path, value in fields.items():
         if value is None or (field_path.split(".")[1].endswith("_file") and _is_dataset_name(value)):
             continue
-        try:
-            exists = resolve_path(value).exists()
+        try:  # a model may be a Hugging Face id in the local cache (ds_moekd/models.py)
+            exists = (resolve_model if field_path.endswith(".path") else resolve_path)(value).exists()
         except FileNotFoundError as exc:
             raise ConfigError(f"config field {field_path}={value!r}: {exc}") from None
         if not exists:

@@ -13,10 +13,10 @@ import transformers
 from transformers import GenerationConfig
 
 import ds_moekd
-from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.config import RunConfig
 from ds_moekd.dist import ParallelGroups
+from ds_moekd.models import resolve_model
 from ds_moekd.report import evaluate_student, write_run_report
 from ds_moekd.student.engine import partitioned_parameter_counts
 from ds_moekd.student.export import export_hf
@@ -50,7 +50,7 @@ def _generation_config(student_path, tokenizer) -> GenerationConfig:
 
 def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroups, dataset, start_time: float) -> dict:
     run_dir = cfg.run_dir
-    student_path = resolve_path(cfg.student.path)
+    student_path = resolve_model(cfg.student.path)
     export_dir = run_dir / "student_hf"
     with phase("Hugging Face export"):
         export_hf(engine, tokenizer, export_dir, groups, _generation_config(student_path, tokenizer))

@@ -31,6 +31,7 @@ from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
+from ds_moekd.models import resolve_model
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.student.schedule import total_steps
@@ -148,7 +149,7 @@ def load_teacher(cfg: RunConfig, groups: ParallelGroups):
     from ds_moekd.teacher import MoETeacher
 
     dtype = getattr(torch, cfg.teacher.dtype)
-    return MoETeacher.from_pretrained(resolve_path(cfg.teacher.path), groups=groups, dtype=dtype)
+    return MoETeacher.from_pretrained(resolve_model(cfg.teacher.path), groups=groups, dtype=dtype)
 
 
 def fused_head(cfg: RunConfig, method, vocab: int):
@@ -207,7 +208,7 @@ def train(cfg: RunConfig) -> dict:
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
 
-    student_path = resolve_path(cfg.student.path)
+    student_path = resolve_model(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
     dataset, batches, rows = training_data(cfg, tokenizer, groups)

@@ -27,6 +27,7 @@ from ds_moekd.data.formats import FORMATS, load_eval_data
 from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
+from ds_moekd.models import resolve_model
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
 from ds_moekd.teacher import MoETeacher
 from ds_moekd.teacher.families import FAMILIES
@@ -75,7 +76,7 @@ def gate_diagnostics(teacher, tokenizer, data, settings, info, world_group, lock
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds-moekd eval", description="Evaluate a model (ROUGE-L, exact match).")
-    p.add_argument("--model", required=True, help="HF model dir (student, or MoE teacher); demo:student works")
+    p.add_argument("--model", required=True, help="HF model dir or cached model id (student, or MoE teacher); demo:student works")
     p.add_argument("--data", required=True, help="JSONL/JSON file, S-NI task folder, saved dataset dir or dataset name")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS))
     p.add_argument("--references", help="answers file for Vicuna questions (`text` or `choices[0].turns`)")
@@ -109,7 +110,7 @@ def main(argv=None) -> dict:
     settings = load_settings(args.config, template=args.template, seeds=args.seeds, greedy=args.greedy,
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
-    model_dir = resolve_path(args.model)
+    model_dir = resolve_model(args.model)
     data_source = str(resolve_path(args.data))
     moe = is_moe_checkpoint(model_dir)
     info = discover_ranks()

@@ -54,9 +54,22 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """A LoRA student through peft (ds_moekd/student/lora.py); r=0 trains every weight."""
+
+    r: int = 0  # adapter rank; 0 = off
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
+    merge: bool = False  # export the merged full model instead of the adapters
+
+
+@dataclass(frozen=True, kw_only=True)
 class StudentConfig:
-    path: str  # HF-format causal LM; `demo:student` is the embedded default
+    path: str  # HF-format causal LM folder or cached Hugging Face id; `demo:student` is the embedded default
     deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,6 +239,10 @@ def _validate(cfg: RunConfig) -> None:
          f"false for method {cfg.method!r}: packing applies to dataset responses (sft, kd)"),
         ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "at least 1"),
         ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
+        ("student.lora.r", cfg.student.lora.r >= 0, "0 (off) or a positive rank"),
+        ("student.lora.dropout", 0 <= cfg.student.lora.dropout < 1, "in [0, 1)"),
+        ("student.lora.r", not cfg.student.lora.r or cfg.method in ("sft", "kd"),
+         f"0 for method {cfg.method!r}: a LoRA student trains with sft or kd (rollouts need the plain student)"),
         ("optim.lr", cfg.optim.lr > 0, "positive"),
         ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "0 or more"),
         ("optim.schedule", cfg.optim.schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),

@@ -53,7 +53,8 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
     student_path = resolve_model(cfg.student.path)
     export_dir = run_dir / "student_hf"
     with phase("Hugging Face export"):
-        export_hf(engine, tokenizer, export_dir, groups, _generation_config(student_path, tokenizer))
+        export_hf(engine, tokenizer, export_dir, groups, _generation_config(student_path, tokenizer),
+                  merge_lora=cfg.student.lora.merge)
 
     local_params, total_params = partitioned_parameter_counts(engine)
     per_rank = _gather(

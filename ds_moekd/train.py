@@ -29,6 +29,7 @@ from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
 from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
+from ds_moekd.host import configure_process
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
 from ds_moekd.models import resolve_model
@@ -198,11 +199,13 @@ def with_run_length(cfg: RunConfig, rows: int, groups: ParallelGroups) -> RunCon
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
     check_paths_exist(cfg)
+    threads = configure_process()
     with phase("distributed start"):
         info = init_distributed()
         setup_logging(info.rank)
         groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
-    log.info("world size %d (%s), teacher expert-parallel size %d", groups.world_size, info.source, groups.ep_size)
+    log.info("world size %d (%s), teacher expert-parallel size %d, %s", groups.world_size, info.source,
+             groups.ep_size, threads)
     torch.manual_seed(cfg.train.seed)
     kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
     is_main = groups.rank == 0

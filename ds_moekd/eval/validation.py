@@ -29,6 +29,7 @@ from ds_moekd.atomic import replace_dir
 from ds_moekd.data.formats import EvalData, load_eval_data
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.eval.runner import EvalSettings, evaluate
+from ds_moekd.student.lora import is_lora, merged_model
 
 BEST_DIR = "best_student_hf"
 
@@ -97,10 +98,16 @@ class Validator:
 
     def _gathered_replica(self, engine, zero3: bool):
         """A plain copy of the student with the current full weights (all ranks call: the gather is collective)."""
+        device = next(engine.module.parameters()).device
+        params = list(engine.module.parameters())
+        if is_lora(engine.module):  # a plain model with the adapters merged in (student/lora.py)
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+                state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            self._replica = merged_model(engine.module, state, self._dtype(engine)).to(device)
+            return self._replica
         if self._replica is None:
             self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
-            self._replica.to(next(engine.module.parameters()).device)
-        params = list(engine.module.parameters())
+            self._replica.to(device)
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
             self._replica.load_state_dict(engine.module.state_dict())
         return self._replica

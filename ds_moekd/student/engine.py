@@ -12,6 +12,7 @@ from transformers.integrations import HfDeepSpeedConfig
 
 from ds_moekd.config import RunConfig
 from ds_moekd.dist import init_distributed
+from ds_moekd.student.lora import apply_lora
 from ds_moekd.student.schedule import lr_factor
 
 # Values of the DeepSpeed JSON that the run config owns; "auto" in the JSON means "fill in".
@@ -54,17 +55,22 @@ def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prep
     dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
     model = _load_student(model_path, ds_config, dtype)
     model.config.use_cache = False  # training forward; generation turns it back on
+    if cfg.student.gradient_checkpointing:  # non-reentrant: works with frozen inputs (LoRA) and ZeRO-3
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if prepare_model is not None:
         prepare_model(model)
+    if cfg.student.lora.r:
+        model = apply_lora(model, cfg.student.lora)
     has_ds_optimizer = "optimizer" in ds_config
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = None
     if not has_ds_optimizer:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     schedule = lr_factor(cfg.optim, cfg.train.steps)
     engine, *_ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
-        model_parameters=model.parameters() if has_ds_optimizer else None,
+        model_parameters=trainable if has_ds_optimizer else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
         config=ds_config,
     )

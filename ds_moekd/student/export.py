@@ -9,10 +9,13 @@ import torch.distributed as dist
 
 from ds_moekd.atomic import replace_dir
 from ds_moekd.dist import ParallelGroups
+from ds_moekd.student.lora import is_lora, save_lora_student
 
 
-def export_hf(engine, tokenizer, out_dir: Path, groups: ParallelGroups, generation_config=None) -> None:
-    """Gather the ZeRO-3 partitions and save a loadable HF model dir on rank 0 (all ranks call)."""
+def export_hf(engine, tokenizer, out_dir: Path, groups: ParallelGroups, generation_config=None,
+              merge_lora: bool = False) -> None:
+    """Gather the ZeRO-3 partitions and save a loadable HF model dir on rank 0 (all ranks call); a LoRA
+    student writes its adapters, or with `merge_lora` the merged model (student/lora.py)."""
     model = engine.module
     params = list(model.parameters())
     # GatheredParameters is collective: every rank enters; rank 0 copies the full tensors out.
@@ -21,7 +24,10 @@ def export_hf(engine, tokenizer, out_dir: Path, groups: ParallelGroups, generati
     if groups.rank == 0:
         model.config.use_cache = True
         with replace_dir(out_dir) as tmp:
-            model.save_pretrained(tmp, state_dict=state)
+            if is_lora(model):
+                save_lora_student(model, state, tmp, merge_lora)
+            else:
+                model.save_pretrained(tmp, state_dict=state)
             tokenizer.save_pretrained(tmp)
             if generation_config is not None:
                 generation_config.save_pretrained(tmp)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from ds_moekd.atomic import write_text
-from ds_moekd.telemetry import moving_average, read_metrics
+from ds_moekd.telemetry import FINAL_LOSS, final_loss, moving_average, read_metrics
 
 SCORE_METRICS = {"rouge_l": "ROUGE-L F1 (x100)", "exact_match": "exact match (%)",
                  "exact_match_strict": "strict exact match (%)"}
@@ -58,31 +58,67 @@ def _add_gate_mass(inputs: Inputs, label: str, data: dict) -> None:
         inputs.gate_mass[label] = mass
 
 
+def _add_run(inputs: Inputs, p: Path) -> None:
+    record = json.loads((p / "run.json").read_text())
+    name = record.get("name", p.name)
+    validation = p / "validation.jsonl"
+    inputs.runs.append(Run(name, record.get("method", "?"), p, record, read_metrics(p / "metrics.jsonl"),
+                           read_metrics(validation) if validation.is_file() else []))
+    _add_gate_mass(inputs, name, record)
+    for f in sorted((p / "eval").glob("*.json")):
+        inputs.results.append((name, _with_file(json.loads(f.read_text()), f)))
+
+
+def _add_result(inputs: Inputs, f: Path) -> None:
+    data = json.loads(f.read_text())
+    if not _is_result(data):
+        raise ValueError(f"{f}: not an evaluation result of `ds-moekd eval`")
+    inputs.results.append((data["model"]["label"], _with_file(data, f)))
+    _add_gate_mass(inputs, data["model"]["label"], data)
+
+
+def _with_file(result: dict, f: Path) -> dict:
+    return {**result, "_file": str(f)}  # named in errors about clashing results
+
+
 def collect(paths: list[str]) -> Inputs:
+    """Runs and results from run folders, result JSONs, and folders of either (one level down)."""
     inputs = Inputs()
     for p in map(Path, paths):
         if (p / "run.json").is_file():
-            record = json.loads((p / "run.json").read_text())
-            name = record.get("name", p.name)
-            validation = p / "validation.jsonl"
-            inputs.runs.append(Run(name, record.get("method", "?"), p, record, read_metrics(p / "metrics.jsonl"),
-                                   read_metrics(validation) if validation.is_file() else []))
-            _add_gate_mass(inputs, name, record)
-            for f in sorted((p / "eval").glob("*.json")):
-                inputs.results.append((name, json.loads(f.read_text())))
-        elif p.is_dir() or p.suffix == ".json":
-            files = sorted(p.glob("*.json")) if p.is_dir() else [p]
-            if not files:
-                raise FileNotFoundError(f"{p}: no run.json and no evaluation result JSON files")
+            _add_run(inputs, p)
+        elif p.is_dir():
+            runs = sorted(d for d in p.iterdir() if (d / "run.json").is_file())
+            files = sorted(p.glob("*.json"))
+            if not runs and not files:
+                raise FileNotFoundError(f"{p}: no run.json, no run folders and no evaluation result JSON files")
+            for d in runs:
+                _add_run(inputs, d)
             for f in files:
-                data = json.loads(f.read_text())
-                if not _is_result(data):
-                    raise ValueError(f"{f}: not an evaluation result of `ds-moekd eval`")
-                inputs.results.append((data["model"]["label"], data))
-                _add_gate_mass(inputs, data["model"]["label"], data)
+                _add_result(inputs, f)
+        elif p.suffix == ".json" and p.is_file():
+            _add_result(inputs, p)
         else:
             raise FileNotFoundError(f"{p}: neither a run folder (run.json) nor an evaluation result JSON")
+    _name_eval_sets(inputs.results)
     return inputs
+
+
+def _name_eval_sets(results: list[tuple[str, dict]]) -> None:
+    """Give every result its eval set's display name: its `data.name`, plus its source where two
+    different sources share that name (they are different sets, never one column). The same system
+    twice on one set is an error: which result should the report show?"""
+    sources: dict[str, set[str]] = {}
+    for _, r in results:
+        sources.setdefault(r["data"]["name"], set()).add(str(r["data"].get("source")))
+    seen: dict[tuple[str, str], str] = {}
+    for label, r in results:
+        name = r["data"]["name"]
+        r["_set"] = name if len(sources[name]) == 1 else f"{name} ({r['data'].get('source')})"
+        if (label, r["_set"]) in seen:
+            raise ValueError(f"two results for {label} on eval set {r['_set']}: {seen[(label, r['_set'])]} and "
+                             f"{r['_file']}; pass one of them (or give one a different --name or --label)")
+        seen[(label, r["_set"])] = r["_file"]
 
 
 def _label_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
@@ -107,7 +143,7 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
 
 
 def _eval_set(result: dict) -> str:
-    return result["data"]["name"]
+    return result["_set"]  # set by collect (_name_eval_sets)
 
 
 def plot_scores(results: list[tuple[str, dict]], metric: str, path: Path) -> None:
@@ -228,14 +264,14 @@ def write_report(inputs: Inputs, out: Path) -> list[str]:
         plot_loss(inputs.runs, out / "loss.png")
         plot_throughput(inputs.runs, out / "throughput.png")
         pngs += ["loss.png", "throughput.png"]
-        lines += ["## Runs", "", ("| run | method | steps | world size | tokens/s (all ranks) | final loss | "
+        lines += ["## Runs", "", (f"| run | method | steps | world size | tokens/s (all ranks) | {FINAL_LOSS} | "
                                   "best validation |"), "|---|---|---|---|---|---|---|"]
         for run in inputs.runs:
             best = max(run.validation, key=lambda v: v[v["metric"]], default=None)
             best_text = f"{best['metric']} {best[best['metric']]:.2f} at step {best['step']}" if best else "-"
             lines.append(f"| {run.name} | {run.method} | {run.record.get('steps', '?')} | "
                          f"{run.record.get('world_size', '?')} | {steady_tokens_per_s(run):.0f} | "
-                         f"{run.metrics[-1]['loss']:.4f} | {best_text} |")
+                         f"{final_loss(run.metrics):.4f} | {best_text} |")
         lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", ""]
         if any(run.validation for run in inputs.runs):
             plot_validation(inputs.runs, out / "validation.png")
@@ -255,7 +291,7 @@ def write_report(inputs: Inputs, out: Path) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="ds-moekd report", description="Compare runs and evaluation results.")
-    parser.add_argument("paths", nargs="+", help="run folders, `ds-moekd eval` result JSONs, or folders of them")
+    parser.add_argument("paths", nargs="+", help="run folders, `ds-moekd eval` result JSONs, or folders of either")
     parser.add_argument("--out", required=True, help="output folder for report.md and the plots")
     args = parser.parse_args(argv)
     pngs = write_report(collect(args.paths), Path(args.out))

@@ -178,7 +178,8 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
-    eval_file: str | None = None  # held-out data scored before/after training (default: data.valid_file)
+    eval_file: str | None = None  # held-out set: teacher, student before/after (default: data.valid_file
+    # unless validation chooses the best checkpoint on it; ds_moekd/heldout.py)
     eval_split: str | None = None  # eval_file's split when it is a 🤗 dataset name or saved DatasetDict
     eval_examples: int = 256  # how many of its records (0 = skip)
     max_new_tokens: int = 32
@@ -257,6 +258,9 @@ def _validate(cfg: RunConfig) -> None:
         ("train.log_every", cfg.train.log_every >= 1, "at least 1"),
         ("train.save_every", cfg.train.save_every >= 0, "0 or more"),
         ("report.eval_examples", cfg.report.eval_examples >= 0, "0 or more"),
+        ("report.eval_file", not (cfg.validation.every and cfg.validation.keep_best and cfg.report.eval_file
+                                  and cfg.report.eval_file == (cfg.validation.file or cfg.data.valid_file)),
+         "a held-out set other than the one validation chooses the best checkpoint on"),
         ("validation.every", cfg.validation.every >= 0, "0 (off) or more"),
         ("validation.file", not cfg.validation.every or cfg.validation.file or cfg.data.valid_file,
          "a validation file (or set data.valid_file)"),

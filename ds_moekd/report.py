@@ -8,42 +8,9 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
-from ds_moekd.config import RunConfig
-from ds_moekd.data.formats import EvalData, load_eval_data
-from ds_moekd.eval.runner import EvalSettings, evaluate
-from ds_moekd.telemetry import moving_average, read_metrics
-
-
-def score_model(model_dir: Path, data: EvalData, max_new_tokens: int, max_prompt_tokens: int) -> dict:
-    """Greedy decoding on held-out records through the eval pipeline: strict exact match, ROUGE-L."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    settings = EvalSettings(greedy=True, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                            batch_size=64)
-    result = evaluate(model, tokenizer, data, settings, progress=False)
-    return {
-        "examples": result["counts"]["evaluated"],
-        "exact_match": result["exact_match_strict"]["mean"],
-        "rouge_l": result["rouge_l"]["mean"],
-    }
-
-
-def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
-    eval_file = cfg.report.eval_file or cfg.data.valid_file
-    data = load_eval_data(str(resolve_path(eval_file)), format=cfg.data.format)
-    data = EvalData(data.records[: cfg.report.eval_examples], data.format, data.source)
-    args = (data, cfg.report.max_new_tokens, cfg.data.max_prompt_tokens)
-    return {
-        "data": eval_file,
-        "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",
-        "before": score_model(before_dir, *args),
-        "after": score_model(after_dir, *args),
-    }
+from ds_moekd.telemetry import FINAL_LOSS, final_loss, moving_average, read_metrics, tenth
 
 
 def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
@@ -66,15 +33,10 @@ def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _tenth_means(values: list[float]) -> tuple[float, float]:
-    k = max(1, len(values) // 10)
-    return sum(values[:k]) / k, sum(values[-k:]) / k
-
-
 def write_run_report(run_dir: Path, record: dict) -> None:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     plot_loss(metrics, run_dir / "loss.png", f"{record['name']}: {record['method']} training loss")
-    first, last = _tenth_means([m["loss"] for m in metrics])
+    first = sum(m["loss"] for m in metrics[: tenth(metrics)]) / tenth(metrics)
     steady = metrics[len(metrics) // 10 :] or metrics  # skip warm-up steps for throughput
     tokens_per_s = sum(m["tokens"] for m in steady) / sum(m["step_s"] for m in steady)
     lines = [
@@ -86,7 +48,7 @@ def write_run_report(run_dir: Path, record: dict) -> None:
         "",
         "## Loss",
         "",
-        f"Mean loss over the first tenth of steps {first:.4f}, over the last tenth {last:.4f}.",
+        f"Mean loss over the first tenth of logged steps {first:.4f}; {FINAL_LOSS} {final_loss(metrics):.4f}.",
         "",
         "![loss](loss.png)",
         "",
@@ -128,16 +90,22 @@ def write_run_report(run_dir: Path, record: dict) -> None:
             for r in scores
         ]
     if "eval" in record:
-        ev = record["eval"]
-        lines += [
-            "",
-            f"## Student on held-out data ({ev['before']['examples']} examples of `{ev['data']}`, {ev['decoding']})",
-            "",
-            "| student | strict exact match | ROUGE-L |",
-            "|---|---|---|",
-            f"| before | {ev['before']['exact_match']:.2f} | {ev['before']['rouge_l']:.2f} |",
-            f"| after {record['method']} | {ev['after']['exact_match']:.2f} | {ev['after']['rouge_l']:.2f} |",
-        ]
+        lines += _held_out_lines(record["eval"], record["method"])
     if (run_dir / "sar_teacher_hf").is_dir():
         lines += ["", "The SAR-tuned teacher (only its router tensors changed) is in `sar_teacher_hf/`."]
     write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _held_out_lines(ev: dict, method: str) -> list[str]:
+    """Teacher, undistilled and distilled student on the held-out set (ds_moekd/heldout.py)."""
+    rows = [("teacher", ev["teacher"]), ("student before distillation", ev["before"]),
+            (f"student after {method}, {ev['after_student']}", ev["after"])]
+    return [
+        "",
+        f"## Held-out data ({ev['before']['examples']} examples of `{ev['data']}`, {ev['decoding']}; "
+        "not the set validation chose the checkpoint on)",
+        "",
+        "| system | strict exact match | ROUGE-L |",
+        "|---|---|---|",
+        *(f"| {name} | {row['exact_match']:.2f} | {row['rouge_l']:.2f} |" for name, row in rows if row is not None),
+    ]

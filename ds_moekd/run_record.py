@@ -16,8 +16,9 @@ import ds_moekd
 from ds_moekd.atomic import write_text
 from ds_moekd.config import RunConfig
 from ds_moekd.dist import ParallelGroups
+from ds_moekd.heldout import evaluate_held_out
 from ds_moekd.models import resolve_model
-from ds_moekd.report import evaluate_student, write_run_report
+from ds_moekd.report import write_run_report
 from ds_moekd.student.engine import partitioned_parameter_counts
 from ds_moekd.student.export import export_hf
 from ds_moekd.telemetry import phase
@@ -56,6 +57,9 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
         export_hf(engine, tokenizer, export_dir, groups, _generation_config(student_path, tokenizer),
                   merge_lora=cfg.student.lora.merge)
 
+    train_wall_s = time.time() - start_time
+    with phase("held-out evaluation: teacher, undistilled and distilled student"):
+        held_out = evaluate_held_out(cfg, tokenizer, teacher, groups, student_path, export_dir)
     local_params, total_params = partitioned_parameter_counts(engine)
     per_rank = _gather(
         {"rank": groups.rank, "student_partitioned_params": local_params, "teacher": _teacher_facts(teacher)},
@@ -84,11 +88,10 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
                 "transformers": transformers.__version__,
                 "python": platform.python_version(),
             },
-            "train_wall_s": time.time() - start_time,
+            "train_wall_s": train_wall_s,
         }
-        if cfg.report.eval_examples and (cfg.report.eval_file or cfg.data.valid_file):
-            with phase("held-out evaluation before/after"):
-                record["eval"] = evaluate_student(cfg, student_path, export_dir)
+        if held_out is not None:
+            record["eval"] = held_out
         record["wall_s"] = time.time() - start_time
         write_text(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
         write_run_report(run_dir, record)

@@ -84,6 +84,19 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+FINAL_LOSS = "final loss (mean over the last tenth of logged steps)"
+
+
+def tenth(metrics: list) -> int:
+    return max(1, len(metrics) // 10)
+
+
+def final_loss(metrics: list[dict]) -> float:
+    """The one definition of a run's final loss (run report and `ds-moekd report`): one step is noisy."""
+    last = metrics[-tenth(metrics):]
+    return sum(m["loss"] for m in last) / len(last)
+
+
 def moving_average(values: list[float], window: int) -> list[float]:
     """Trailing mean over `window` steps (shorter at the start), for readable loss curves."""
     out, total = [], 0.0

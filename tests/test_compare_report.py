@@ -69,3 +69,49 @@ def test_report_rejects_what_it_cannot_read(tmp_path):
         main([str(tmp_path / "x.json"), "--out", str(tmp_path / "o")])
     with pytest.raises(FileNotFoundError, match="neither a run folder"):
         main([str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
+
+
+def test_a_folder_of_runs_is_read_run_by_run(tmp_path):
+    runs = tmp_path / "runs"
+    write_run(runs, "kd", "kd", step_s=0.5, validation=True)
+    write_run(runs, "sft", "sft", step_s=0.25, validation=False)
+    inputs = collect([str(runs)])
+    assert [r.name for r in inputs.runs] == ["kd", "sft"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no run.json, no run folders"):
+        collect([str(tmp_path / "empty")])
+
+
+def test_sets_that_share_a_name_stay_apart_and_a_duplicate_result_is_an_error(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    a = eval_result("teacher", "test", [40.0])
+    a["data"]["source"] = "alpaca/test.jsonl"
+    b = eval_result("teacher", "test", [10.0])
+    b["data"]["source"] = "dolly/test.jsonl"
+    (results / "a.json").write_text(json.dumps(a))
+    (results / "b.json").write_text(json.dumps(b))
+    main([str(results), "--out", str(tmp_path / "out")])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| system | test (alpaca/test.jsonl) | test (dolly/test.jsonl) |" in report
+    assert "| teacher | 40.00 (1 run) | 10.00 (1 run) |" in report
+    (results / "c.json").write_text(json.dumps(a))
+    with pytest.raises(ValueError, match=r"two results for teacher on eval set test \(alpaca/test.jsonl\): .*a.json "
+                                         r"and .*c.json"):
+        collect([str(results)])
+
+
+def test_final_loss_is_the_last_tenth_mean_in_both_reports(tmp_path):
+    from ds_moekd.report import write_run_report
+
+    run = write_run(tmp_path, "kd", "kd", step_s=0.5, validation=False)
+    expected = (3.0 / 19 + 3.0 / 20) / 2  # 20 logged steps: the last tenth is steps 19 and 20
+    main([str(run), "--out", str(tmp_path / "out")])
+    assert f"| kd | kd | 20 | 2 | 200 | {expected:.4f} |" in (tmp_path / "out" / "report.md").read_text()
+    record = {"name": "kd", "method": "kd", "steps": 20, "global_batch_size": 2, "world_size": 2, "zero_stage": 3,
+              "teacher_ep_size": 2, "wall_s": 1.0, "per_rank": [], "student_total_params": 1}
+    metrics = [{"step": s, "loss": 3.0 / s, "tokens": 100, "step_s": 0.5, "teacher_s": 0.1, "student_s": 0.2,
+                "peak_memory_mb": 1.0} for s in range(1, 21)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    write_run_report(run, record)
+    assert f"final loss (mean over the last tenth of logged steps) {expected:.4f}" in (run / "report.md").read_text()

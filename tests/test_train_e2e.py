@@ -56,6 +56,38 @@ def test_run_json_reads_the_parallel_layout_from_live_objects(kd_run):
     assert run["eval"]["before"]["examples"] == 4
 
 
+def test_held_out_rows_are_teacher_undistilled_and_the_named_student(kd_run):
+    ev = json.loads((kd_run / "run.json").read_text())["eval"]
+    assert ev["teacher"]["examples"] == ev["before"]["examples"] == ev["after"]["examples"] == 4
+    best = json.loads((kd_run / "best_student_hf" / "best.json").read_text())
+    assert ev["after_student"] == f"best by validation {best['metric']} (step {best['step']})"
+    assert ev["data"] != load_config(kd_run / "config.yaml").data.valid_file  # not the set that chose it
+    report = (kd_run / "report.md").read_text()
+    assert "| teacher |" in report and f"| student after kd, {ev['after_student']} |" in report
+
+
+def test_exported_student_carries_its_prompt_format(kd_run):
+    from transformers import pipeline
+
+    from ds_moekd.data.chat import ALPACA_CHAT_TEMPLATE
+    from ds_moekd.data.formats import load_eval_data
+    from ds_moekd.data.template import alpaca_prompt
+
+    export = kd_run / "student_hf"
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.chat_template == ALPACA_CHAT_TEMPLATE  # trained on Alpaca prompts, stored with the model
+    record = load_eval_data(load_config(kd_run / "config.yaml").data.valid_file).records[0]
+    content = f"{record.instruction}\n\n{record.input}"  # one user message: the template's instruction
+    chat = pipeline("text-generation", model=str(export), device="cpu")
+    reply = chat([{"role": "user", "content": content}], max_new_tokens=8, do_sample=False)
+    # Reference: greedy decoding of the Alpaca prompt, exactly as training and evaluation render it.
+    model = AutoModelForCausalLM.from_pretrained(export)
+    ids = tokenizer(alpaca_prompt(content), return_tensors="pt", add_special_tokens=False).input_ids
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:],
+                                skip_special_tokens=True)
+    assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": expected} and expected.strip()
+
+
 def test_metrics_have_one_line_per_step(kd_run):
     metrics = read_metrics(kd_run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))

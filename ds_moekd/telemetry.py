@@ -7,6 +7,7 @@ import json
 import logging
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,11 +22,28 @@ def setup_logging(rank: int) -> None:
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+HEARTBEAT_S = 15.0
+
+
 @contextlib.contextmanager
-def phase(name: str):
-    """Log how long a start-up or wind-down phase took (they dominate short runs)."""
+def phase(name: str, hint: str = ""):
+    """Say when a start-up or wind-down phase starts (with `hint`, what may take long in it), that it is
+    still running every HEARTBEAT_S seconds, and how long it took (such phases dominate short runs)."""
     start = time.perf_counter()
-    yield
+    log.info("%s ...%s", name, f" ({hint})" if hint else "")
+    done = threading.Event()
+
+    def heartbeat():
+        while not done.wait(HEARTBEAT_S):
+            log.info("%s: still running, %.0f s so far", name, time.perf_counter() - start)
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
     log.info("%s: %.1f s", name, time.perf_counter() - start)
 
 

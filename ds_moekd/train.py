@@ -222,7 +222,8 @@ def train(cfg: RunConfig) -> dict:
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups) if method.needs_teacher else None
-    with phase("student engine"):
+    with phase("student engine", "DeepSpeed compiles a C++ op on its first use, e.g. bf16 or offload: about a "
+                                 "minute each, cached in TORCH_EXTENSIONS_DIR"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab))
     ckpt_dir = run_dir / "checkpoints"
     start_step = resume_from_checkpoint(engine, method, ckpt_dir) if cfg.train.resume else 0

@@ -17,7 +17,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: ds-moekd bench {{{', '.join(commands)}}} [--help]")
     import importlib
 
-    importlib.import_module(commands[argv[0]]).main(argv[1:])
+    from ds_moekd.telemetry import phase, setup_logging
+
+    setup_logging(rank=0)
+    bench = importlib.import_module(commands[argv[0]])
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        bench.main(argv[1:])
+        return
+    with phase(f"bench {argv[0]}", "every implementation is warmed up and timed; the results print at the end"):
+        bench.main(argv[1:])
 
 
 if __name__ == "__main__":

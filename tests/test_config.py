@@ -119,3 +119,27 @@ def test_missing_inputs_are_named_by_field(tmp_path):
                                                   f"student.path={tmp_path}/nowhere"])
     with pytest.raises(ConfigError, match=r"student.path='.*nowhere': no such file"):
         check_paths_exist(cfg)
+
+
+@pytest.mark.parametrize("overrides,where", [
+    (["optim.schedule=step"], "optim.schedule='step'"),
+    (["train.epochs=-1"], "train.epochs=-1"),
+    (["data.template=llama"], "data.template='llama'"),
+    (["method=gkd", "data.packing=true"], "data.packing=True"),
+    (["method=ka", "student.lora.r=8"], "student.lora.r=8"),
+    (["student.lora.dropout=1.0"], "student.lora.dropout=1.0"),
+    (["data.valid_file=v.jsonl", "validation.every=5", "report.eval_file=v.jsonl"], "report.eval_file='v.jsonl'"),
+])
+def test_everyday_options_validate_their_fields(tmp_path, overrides, where):
+    with pytest.raises(ConfigError, match=re.escape(f"config field {where} is invalid")):
+        load_config(write(tmp_path, MINIMAL), overrides)
+
+
+def test_everyday_options_load(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL), ["data.packing=true", "data.split=train", "train.epochs=2",
+                                                 "optim.schedule=linear", "student.gradient_checkpointing=true",
+                                                 "student.lora.r=8", "student.lora.target_modules=q_proj,v_proj",
+                                                 "data.valid_file=v.jsonl", "validation.every=5",
+                                                 "report.eval_file=t.jsonl"])
+    assert cfg.data.packing and cfg.data.split == "train" and cfg.train.epochs == 2
+    assert cfg.student.lora.r == 8 and cfg.student.lora.target_modules == "q_proj,v_proj"

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 PROBE = """
@@ -37,6 +39,7 @@ def test_threads_are_the_cores_shared_by_the_local_ranks():
     assert threads == 1 and "OMP_NUM_THREADS" in line
 
 
+@pytest.mark.slow
 def test_one_process_training_prints_no_warning_twice(tiny_demo, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("LOCAL_SIZE", None)

@@ -97,7 +97,7 @@ class Validator:
     def _gathered_replica(self, engine, zero3: bool):
         """A plain copy of the student with the current full weights (all ranks call: the gather is collective)."""
         if self._replica is None:
-            with torch.device(engine.device):  # built on the student's device, never a CPU copy first
+            with torch.device(next(engine.module.parameters()).device):  # on the student's device, no CPU copy first
                 self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):

@@ -18,7 +18,9 @@ import yaml
 
 METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")  # ds_moekd/methods, one file each
 ON_POLICY_METHODS = ("gkd", "all", "ka", "sar")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: follow `precision`
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # ds_moekd/device.py
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 LR_SCHEDULES = ("cosine", "linear", "constant")  # ds_moekd/student/schedule.py
 DATA_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "sni", "chat")  # ds_moekd.data.formats
 # ds_moekd.kernels' backends (spelled out here so loading a config does not import the kernels)
@@ -49,7 +51,7 @@ class DataConfig:
 class TeacherConfig:
     path: str | None = None  # HF-format MoE checkpoint; `demo:teacher` is the embedded default
     ep_size: int = 0  # expert-parallel size; 0 = the whole world
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the run's precision (bf16 on GPUs, fp32 on CPU); or float32, bfloat16, float16
     expert_backend: str = "auto"  # expert FFN kernels (ds_moekd.kernels): auto, torch, triton, torch_grouped_mm, megablocks
 
 
@@ -67,7 +69,9 @@ class LoRAConfig:
 @dataclass(frozen=True, kw_only=True)
 class StudentConfig:
     path: str  # HF-format causal LM folder or cached Hugging Face id; `demo:student` is the embedded default
-    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    # auto: ds_configs/zero3_gpu.json on GPUs, ds_configs/zero3_cpu.json on CPU; its bf16/fp16
+    # sections follow `precision` (ds_moekd/student/engine.py)
+    deepspeed_config: str = "auto"
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
@@ -174,6 +178,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     resume: bool = False  # continue from <run_dir>/checkpoints/latest when there is one
     seed: int = 1234
+    dist_backend: str = "auto"  # auto: nccl between GPUs, gloo between CPU processes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,6 +213,8 @@ class RunConfig:
     name: str
     method: str = "kd"
     output_dir: str = "runs"
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp32; sets the student's and the teacher's
+
     data: DataConfig
     student: StudentConfig
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -230,7 +237,9 @@ def _validate(cfg: RunConfig) -> None:
         ("method", cfg.method in METHODS, f"one of {METHODS}"),
         ("teacher.path", cfg.method == "sft" or cfg.teacher.path, f"required for method {cfg.method!r}"),
         ("teacher.ep_size", cfg.teacher.ep_size >= 0, "0 (whole world) or a positive divisor of the world size"),
+        ("precision", cfg.precision in PRECISIONS, f"one of {PRECISIONS}"),
         ("teacher.dtype", cfg.teacher.dtype in DTYPES, f"one of {DTYPES}"),
+        ("train.dist_backend", cfg.train.dist_backend in DIST_BACKENDS, f"one of {DIST_BACKENDS}"),
         ("teacher.expert_backend", cfg.teacher.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
         ("kd.loss_backend", cfg.kd.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
         ("data.format", cfg.data.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
@@ -424,7 +433,7 @@ def check_paths_exist(cfg: RunConfig) -> None:
         "data.valid_file": cfg.data.valid_file,
         "report.eval_file": cfg.report.eval_file,
         "student.path": cfg.student.path,
-        "student.deepspeed_config": cfg.student.deepspeed_config,
+        "student.deepspeed_config": None if cfg.student.deepspeed_config == "auto" else cfg.student.deepspeed_config,
         "teacher.path": cfg.teacher.path if cfg.method != "sft" else None,
     }
     for field_path, value in fields.items():

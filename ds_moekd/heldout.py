@@ -35,15 +35,16 @@ def _row(result: dict) -> dict:
             "rouge_l": result["rouge_l"]["mean"]}
 
 
-def _score_student(model_dir: Path, tokenizer, data: EvalData, settings: EvalSettings) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def _score_student(model_dir: Path, tokenizer, data: EvalData, settings: EvalSettings, device) -> dict:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=str(device)).eval()
     return _row(evaluate(model, tokenizer, data, settings, progress=False))
 
 
 def evaluate_held_out(cfg: RunConfig, tokenizer, teacher, groups: ParallelGroups, before_dir: Path,
-                      final_dir: Path) -> dict | None:
+                      final_dir: Path, device: torch.device | str = "cpu") -> dict | None:
     """Every rank calls this (the expert-parallel teacher decodes on all of them); rank 0 returns the
-    record, the others None. `tokenizer` is the run's (with the prompt template training used)."""
+    record, the others None. `tokenizer` is the run's (with the prompt template training used); the
+    students are scored on `device`."""
     source = held_out_source(cfg)
     if not cfg.report.eval_examples or source is None:
         return None
@@ -68,7 +69,7 @@ def evaluate_held_out(cfg: RunConfig, tokenizer, teacher, groups: ParallelGroups
         "data": source,
         "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",
         "teacher": teacher_row,
-        "before": _score_student(before_dir, tokenizer, data, settings),
-        "after": _score_student(after_dir, tokenizer, data, settings),
+        "before": _score_student(before_dir, tokenizer, data, settings, device),
+        "after": _score_student(after_dir, tokenizer, data, settings, device),
         "after_student": which,
     }

@@ -59,7 +59,7 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
 
     train_wall_s = time.time() - start_time
     with phase("held-out evaluation: teacher, undistilled and distilled student"):
-        held_out = evaluate_held_out(cfg, tokenizer, teacher, groups, student_path, export_dir)
+        held_out = evaluate_held_out(cfg, tokenizer, teacher, groups, student_path, export_dir, engine.device)
     local_params, total_params = partitioned_parameter_counts(engine)
     per_rank = _gather(
         {"rank": groups.rank, "student_partitioned_params": local_params, "teacher": _teacher_facts(teacher)},

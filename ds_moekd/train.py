@@ -27,6 +27,7 @@ from ds_moekd.data.batching import Batch, micro_batches_per_epoch, rank_batches,
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
+from ds_moekd.device import rank_device, resolve_precision, teacher_dtype
 from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
 from ds_moekd.host import configure_process
@@ -109,7 +110,7 @@ def step_record(step, engine, groups, shares, watch, step_time) -> dict:
     """One metrics.jsonl line; losses and the method's extras are global (the per-rank shares summed)."""
     loss_sum, parts_sum, extras = shares
     named = {**parts_sum, **extras}
-    totals = torch.tensor([loss_sum, *named.values()], dtype=torch.float64)
+    totals = torch.tensor([loss_sum, *named.values()], dtype=torch.float64, device=engine.device)
     if groups.dp_group is not None:
         torch.distributed.all_reduce(totals, group=groups.dp_group)
     named = {k: totals[1 + i].item() for i, k in enumerate(named)}
@@ -146,11 +147,12 @@ def resume_from_checkpoint(engine, method, ckpt_dir) -> int:
     return int(client_state["step"])
 
 
-def load_teacher(cfg: RunConfig, groups: ParallelGroups):
+def load_teacher(cfg: RunConfig, groups: ParallelGroups, device: torch.device, precision: str):
+    """This rank's part of the teacher, read straight onto `device` in `teacher.dtype` (auto: `precision`)."""
     from ds_moekd.teacher import MoETeacher
 
-    dtype = getattr(torch, cfg.teacher.dtype)
-    return MoETeacher.from_pretrained(resolve_model(cfg.teacher.path), groups=groups, dtype=dtype)
+    dtype = teacher_dtype(cfg.teacher.dtype, precision)
+    return MoETeacher.from_pretrained(resolve_model(cfg.teacher.path), groups=groups, dtype=dtype, device=device)
 
 
 def fused_head(cfg: RunConfig, method, vocab: int):
@@ -165,9 +167,9 @@ def fused_head(cfg: RunConfig, method, vocab: int):
     )
 
 
-def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
-    """The tokenised training set, this rank's endless stream of micro-batches, and how many rows
-    (examples, or packed rows with `data.packing`) one epoch has."""
+def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups, device: torch.device):
+    """The tokenised training set, this rank's endless stream of micro-batches on `device`, and how
+    many rows (examples, or packed rows with `data.packing`) one epoch has."""
     with phase("data"):
         records = load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format,
                                  split=cfg.data.split).records
@@ -183,7 +185,7 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
     batches = rank_batches(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_rank=groups.dp_rank,
                            dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
                            packs=packs)
-    return dataset, batches, len(packs if packs is not None else dataset.examples)
+    return dataset, (batch.to(device) for batch in batches), len(packs if packs is not None else dataset.examples)
 
 
 def with_run_length(cfg: RunConfig, rows: int, groups: ParallelGroups) -> RunConfig:
@@ -201,11 +203,14 @@ def train(cfg: RunConfig) -> dict:
     check_paths_exist(cfg)
     threads = configure_process()
     with phase("distributed start"):
-        info = init_distributed()
+        info = init_distributed(cfg.train.dist_backend)
         setup_logging(info.rank)
         groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
-    log.info("world size %d (%s), teacher expert-parallel size %d, %s", groups.world_size, info.source,
-             groups.ep_size, threads)
+    device = rank_device(info.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    log.info("world size %d (%s), teacher expert-parallel size %d, %s on %s (%s), %s", groups.world_size,
+             info.source, groups.ep_size, precision, device,
+             torch.distributed.get_backend() if groups.world_group else "1 process", threads)
     torch.manual_seed(cfg.train.seed)
     kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
     is_main = groups.rank == 0
@@ -214,17 +219,18 @@ def train(cfg: RunConfig) -> dict:
     student_path = resolve_model(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
-    dataset, batches, rows = training_data(cfg, tokenizer, groups)
+    dataset, batches, rows = training_data(cfg, tokenizer, groups, device)
     cfg = with_run_length(cfg, rows, groups)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
-        teacher = load_teacher(cfg, groups) if method.needs_teacher else None
+        teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
     with phase("student engine", "DeepSpeed compiles a C++ op on its first use, e.g. bf16 or offload: about a "
                                  "minute each, cached in TORCH_EXTENSIONS_DIR"):
-        engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab))
+        engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab),
+                                      precision=precision, device=device)
     ckpt_dir = run_dir / "checkpoints"
     start_step = resume_from_checkpoint(engine, method, ckpt_dir) if cfg.train.resume else 0
     gas = cfg.train.gradient_accumulation_steps

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import deepspeed
+import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
@@ -106,8 +107,8 @@ class Validator:
             self._replica = merged_model(engine.module, state, self._dtype(engine)).to(device)
             return self._replica
         if self._replica is None:
-            self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
-            self._replica.to(device)
+            with torch.device(device):  # on the student's device, no CPU copy first
+                self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
             self._replica.load_state_dict(engine.module.state_dict())
         return self._replica

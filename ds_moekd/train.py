@@ -227,7 +227,7 @@ def train(cfg: RunConfig) -> dict:
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
-    with phase("student engine", "DeepSpeed compiles a C++ op on its first use, e.g. bf16 or offload: about a "
+    with phase("student engine", "DeepSpeed compiles a C++ op on its first use, e.g. its CPU Adam: about a "
                                  "minute each, cached in TORCH_EXTENSIONS_DIR"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab),
                                       precision=precision, device=device)

@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 from hf_cache import add_to_cache
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
 from ds_moekd.data.batching import micro_batches_per_epoch, tokenize_records
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
+from ds_moekd.data.template import alpaca_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("peft")
@@ -70,3 +71,15 @@ def test_chat_data_cached_teacher_id_and_lora_student(tiny_demo, tmp_path):
         {p.name for p in (run / "student_hf").iterdir()}
     assert record["eval"]["teacher"]["examples"] == 4 and record["eval"]["after_student"].startswith(
         "best by validation")
+
+    # The adapters answer chat messages through pipeline() as the README shows (the tokenizer, with
+    # its chat template, comes from the export: transformers would take the base model's).
+    export = run / "student_hf"
+    chat = pipeline("text-generation", model=str(export), tokenizer=str(export), device="cpu")
+    content = f"{records[0].instruction}"
+    reply = chat([{"role": "user", "content": content}], max_new_tokens=6, do_sample=False)[0]["generated_text"][-1]
+    model = AutoModelForCausalLM.from_pretrained(export)  # base + adapters (transformers' PEFT integration)
+    ids = tokenizer(alpaca_prompt(content), return_tensors="pt", add_special_tokens=False).input_ids
+    expected = tokenizer.decode(model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:],
+                                skip_special_tokens=True)
+    assert reply == {"role": "assistant", "content": expected}

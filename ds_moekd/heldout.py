@@ -30,6 +30,20 @@ def held_out_source(cfg: RunConfig) -> str | None:
     return cfg.data.valid_file
 
 
+def _scored_student(final_dir: Path) -> tuple[Path, str]:
+    """(folder, name) of the distilled student to score: the best by validation when this run's
+    validation kept one (its validation.jsonl marks it; a best_student_hf/ left by an earlier run
+    of the same name is not this run's), else the final export."""
+    log_path = final_dir.parent / "validation.jsonl"
+    scores = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
+        if log_path.is_file() else []
+    best = final_dir.parent / BEST_DIR
+    if any(r.get("best") for r in scores) and (best / "best.json").is_file():
+        chosen = json.loads((best / "best.json").read_text())
+        return best, f"best by validation {chosen['metric']} (step {chosen['step']})"
+    return final_dir, "final"
+
+
 def _row(result: dict) -> dict:
     return {"examples": result["counts"]["evaluated"], "exact_match": result["exact_match_strict"]["mean"],
             "rouge_l": result["rouge_l"]["mean"]}
@@ -59,12 +73,7 @@ def evaluate_held_out(cfg: RunConfig, tokenizer, teacher, groups: ParallelGroups
         teacher_row = _row(result)
     if groups.rank != 0:
         return None
-    best = final_dir.parent / BEST_DIR
-    if (best / "best.json").is_file():
-        chosen = json.loads((best / "best.json").read_text())
-        after_dir, which = best, f"best by validation {chosen['metric']} (step {chosen['step']})"
-    else:
-        after_dir, which = final_dir, "final"
+    after_dir, which = _scored_student(final_dir)
     return {
         "data": source,
         "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",

@@ -98,7 +98,8 @@ def write_run_report(run_dir: Path, record: dict) -> None:
 
 def _held_out_lines(ev: dict, method: str) -> list[str]:
     """Teacher, undistilled and distilled student on the held-out set (ds_moekd/heldout.py)."""
-    rows = [("teacher", ev["teacher"]), ("student before distillation", ev["before"]),
+    teacher = "teacher (routers as SAR trained them)" if method == "sar" else "teacher"
+    rows = [(teacher, ev["teacher"]), ("student before distillation", ev["before"]),
             (f"student after {method}, {ev['after_student']}", ev["after"])]
     return [
         "",

@@ -1,4 +1,4 @@
-"""`ds-moekd` command line: train, demo build, eval, report."""
+"""`ds-moekd` command line: train, demo build, eval, report, compare, bench."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> None:
     demo_sub.add_parser("build", help="build the demo dataset, tokenizer, teacher and student", add_help=False)
     sub.add_parser("eval", help="score a model on instruction data (ROUGE-L, exact match)", add_help=False)
     sub.add_parser("report", help="compare runs and evaluation results: report.md + plots", add_help=False)
+    sub.add_parser("compare", help="train every method on several seeds and report them side by side",
+                   add_help=False)
     sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka (no DeepSpeed needed)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
@@ -38,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
         from ds_moekd.compare import main as report_main
 
         report_main(rest)
+    elif args.command == "compare":
+        from ds_moekd.comparison.cli import main as compare_main
+
+        compare_main(rest)
     elif args.command == "bench":
         from ds_moekd.bench.cli import main as bench_main
 

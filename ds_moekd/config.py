@@ -50,6 +50,7 @@ class TeacherConfig:
 class StudentConfig:
     path: str  # HF-format causal LM; `demo:student` is the embedded default
     deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    allow_pickle_weights: bool = False  # load pytorch_model.bin (pickle) weights; safetensors only otherwise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,8 +151,17 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
-    resume: bool = False  # continue from <run_dir>/checkpoints/latest when there is one
+    resume: bool = False  # continue from the newest verified checkpoint in <run_dir>/checkpoints
     seed: int = 1234
+    # Reliability (docs/reliability.md)
+    overwrite: bool = False  # replace a run already in <run_dir> (otherwise refused unless resuming)
+    allow_config_change: bool = False  # resume although seed, batch sizes, lr, method or models changed
+    keep_checkpoints: int = 3  # newest verified checkpoints kept (0 = all)
+    nonfinite: str = "skip"  # non-finite loss/gradient norm: skip the update (counted) or stop
+    max_skipped_steps: int = 10  # skip: stop once more steps than this were skipped
+    spike_factor: float = 3.0  # log a loss above this factor x the running mean (0 = off)
+    watchdog_s: float = 300.0  # exit when a rank makes no progress for this long (0 = off)
+    collective_timeout_s: float = 600.0  # torch.distributed timeout of every collective
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,6 +235,12 @@ def _validate(cfg: RunConfig) -> None:
         ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "at least 1"),
         ("train.log_every", cfg.train.log_every >= 1, "at least 1"),
         ("train.save_every", cfg.train.save_every >= 0, "0 or more"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 0, "0 (keep all) or more"),
+        ("train.nonfinite", cfg.train.nonfinite in ("skip", "stop"), "skip or stop"),
+        ("train.max_skipped_steps", cfg.train.max_skipped_steps >= 0, "0 or more"),
+        ("train.spike_factor", cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "0 (off) or above 1"),
+        ("train.watchdog_s", cfg.train.watchdog_s >= 0, "0 (off) or more seconds"),
+        ("train.collective_timeout_s", cfg.train.collective_timeout_s > 0, "positive seconds"),
         ("report.eval_examples", cfg.report.eval_examples >= 0, "0 or more"),
         ("validation.every", cfg.validation.every >= 0, "0 (off) or more"),
         ("validation.file", not cfg.validation.every or cfg.validation.file or cfg.data.valid_file,

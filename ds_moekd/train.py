@@ -13,21 +13,27 @@ router step), the teacher's routing and draws, and the loss terms.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from ds_moekd import kernels
+from ds_moekd import checkpoints, kernels, watchdog
 from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
 from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
 from ds_moekd.data.formats import load_eval_data
-from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
+from ds_moekd.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
+from ds_moekd.errors import Preempted, run_command
 from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
+from ds_moekd.model_checks import check_model_files, check_teacher_vocabulary
+from ds_moekd.numerics import NumericsGuard, check_finite_parameters, step_outcome
+from ds_moekd.preemption import StopSignal
+from ds_moekd.run_folder import check_run_folder, clear_previous_run
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
@@ -123,23 +129,24 @@ def step_record(step, engine, groups, shares, watch, step_time) -> dict:
     }
 
 
-def save_checkpoint(engine, method, ckpt_dir, step: int) -> None:
-    # DeepSpeed writes the tag folder first and `latest` last: a crash mid-save leaves `latest`
-    # on the previous complete checkpoint. The method's own state (SAR's routers) rides along.
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "method": method.state_dict()})
+def save_checkpoint(engine, method, ckpt_dir, step: int, guard: NumericsGuard, groups: ParallelGroups,
+                    cfg: RunConfig) -> None:
+    """Commit `ckpt_dir/step{step}` (ds_moekd/checkpoints.py), never with non-finite weights. The
+    method's own state (SAR's routers) and the skipped-step count ride along."""
+    watchdog.phase("checkpoint")
+    check_finite_parameters(engine, groups.world_group, f"checkpoint step{step}")
+    state = {"step": step, "method": method.state_dict(), "skipped_steps": guard.skipped}
+    checkpoints.save(engine, ckpt_dir, step, state, groups, cfg)
 
 
-def resume_from_checkpoint(engine, method, ckpt_dir) -> int:
-    """Load `ckpt_dir/latest` into the engine (weights, optimizer, scheduler) and the method; return its step."""
-    if not (ckpt_dir / "latest").is_file():
-        log.info("train.resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
-        return 0
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
-    if path is None:
-        raise RuntimeError(f"train.resume: DeepSpeed could not load the checkpoint in {ckpt_dir}")
-    method.load_state_dict(client_state.get("method", {}))
-    log.info("resumed from %s at step %d", path, client_state["step"])
-    return int(client_state["step"])
+def resume_from_checkpoint(engine, method, ckpt_dir, groups: ParallelGroups, cfg: RunConfig) -> dict:
+    """Load the newest verified checkpoint into the engine (weights, optimizer, scheduler) and the
+    method; return its client state ({"step": 0} when there is none)."""
+    state = checkpoints.resume(engine, ckpt_dir, groups, cfg)
+    if state is None:
+        return {"step": 0}
+    method.load_state_dict(state.get("method", {}))
+    return state
 
 
 def load_teacher(cfg: RunConfig, groups: ParallelGroups):
@@ -180,6 +187,8 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
     check_paths_exist(cfg)
+    check_run_folder(cfg)  # on every rank, before any rank writes (init_distributed below waits for all)
+    set_collective_timeout(cfg.train.collective_timeout_s)
     with phase("distributed start"):
         info = init_distributed()
         setup_logging(info.rank)
@@ -190,12 +199,17 @@ def train(cfg: RunConfig) -> dict:
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
     if is_main:
+        clear_previous_run(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
     student_path = resolve_path(cfg.student.path)
+    check_model_files(student_path, "student.path", allow_pickle=cfg.student.allow_pickle_weights)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
+    if cfg.method != "sft":
+        check_model_files(resolve_path(cfg.teacher.path), "teacher.path")
+        check_teacher_vocabulary(resolve_path(cfg.teacher.path), tokenizer)
     dataset, batches = training_data(cfg, tokenizer, groups)
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
@@ -203,7 +217,10 @@ def train(cfg: RunConfig) -> dict:
     with phase("student engine"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab))
     ckpt_dir = run_dir / "checkpoints"
-    start_step = resume_from_checkpoint(engine, method, ckpt_dir) if cfg.train.resume else 0
+    state = resume_from_checkpoint(engine, method, ckpt_dir, groups, cfg) if cfg.train.resume else {"step": 0}
+    start_step = state["step"]
+    guard = NumericsGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, cfg.train.spike_factor,
+                          skipped=state.get("skipped_steps", 0))
     gas = cfg.train.gradient_accumulation_steps
     for _ in range(start_step * gas):  # the data stream continues exactly where the checkpoint left it
         next(batches)
@@ -212,22 +229,36 @@ def train(cfg: RunConfig) -> dict:
     steps = range(start_step, cfg.train.steps)
     progress = tqdm(steps, initial=start_step, total=cfg.train.steps, disable=not is_main, desc=cfg.method,
                     dynamic_ncols=True)
-    for step in progress:
-        step_start, watch = time.perf_counter(), Stopwatch()
-        micro_batches = [next(batches) for _ in range(gas)]
-        shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
-        record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-            metrics.write(record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(engine, method, ckpt_dir, step + 1)
-        if validator is not None and validator.due(step + 1):
-            validator.run(engine, step + 1)
-    metrics.close()
-    with phase("DeepSpeed checkpoint"):
-        if not (cfg.train.save_every and cfg.train.steps % cfg.train.save_every == 0):
-            save_checkpoint(engine, method, ckpt_dir, cfg.train.steps)
+    saved = start_step
+    with StopSignal() as stop, watchdog.Watchdog(cfg.train.watchdog_s, groups.rank) as dog:
+        for step in progress:
+            step_start, watch = time.perf_counter(), Stopwatch()
+            micro_batches = [next(batches) for _ in range(gas)]
+            shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
+            record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
+            guard.check(step + 1, record["loss"], *step_outcome(engine))  # the same verdict on every rank
+            record["skipped_steps"] = guard.skipped
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                metrics.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            stopping = stop.agreed(groups.world_group)  # every rank stops after the same step
+            if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                save_checkpoint(engine, method, ckpt_dir, step + 1, guard, groups, cfg)
+                saved = step + 1
+            if stopping:
+                metrics.close()
+                raise Preempted(f"stopped by {stop.name} after step {step + 1}; checkpoint {ckpt_dir}/step{step + 1} "
+                                "is committed: resume with train.resume=true")
+            if validator is not None and validator.due(step + 1):
+                dog.progress(step + 1, "validation")
+                validator.run(engine, step + 1)
+            dog.progress(step + 1, "step")
+        metrics.close()
+        with phase("DeepSpeed checkpoint"):
+            if saved != cfg.train.steps:
+                save_checkpoint(engine, method, ckpt_dir, cfg.train.steps, guard, groups, cfg)
+        dog.progress(cfg.train.steps, "export")
+        check_finite_parameters(engine, groups.world_group, "the exported student")
     method.finish(StepContext(engine, teacher, groups, vocab, cfg.train.steps, Stopwatch()), run_dir)
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 
@@ -241,6 +272,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """`python -m ds_moekd.train` and `ds-moekd train`: errors become a short message and an exit
+    code (ds_moekd/errors.py); --debug or DS_MOEKD_DEBUG=1 adds the traceback."""
+    run_command(_main, sys.argv[1:] if argv is None else list(argv), "ds-moekd train")
+
+
+def _main(argv) -> None:
     args = parse_args(argv)
     try:
         train(load_config(args.config, args.overrides))

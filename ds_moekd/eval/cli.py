@@ -25,6 +25,7 @@ from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.data.formats import FORMATS, load_eval_data
 from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
+from ds_moekd.errors import UserError
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
@@ -110,6 +111,8 @@ def main(argv=None) -> dict:
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
     model_dir = resolve_path(args.model)
+    if not model_dir.is_dir():  # never fall through to a hub lookup
+        raise UserError(f"--model {args.model}: no such model folder (ds-moekd eval reads local folders only)")
     data_source = str(resolve_path(args.data))
     moe = is_moe_checkpoint(model_dir)
     info = discover_ranks()

@@ -59,6 +59,9 @@ def classify(exc: BaseException) -> tuple[int, str]:
         port = os.environ.get("MASTER_PORT", "?")
         return EXIT_ENVIRONMENT, (f"port {port} on {os.environ.get('MASTER_ADDR', '?')} is in use (another job?); "
                                   "set MASTER_PORT to a free port, or leave it unset for a single-node launch script")
+    if any(s in str(exc) for s in ("Connection closed by peer", "Connection reset by peer")):
+        return EXIT_ERROR, ("lost contact with another rank (it failed, was killed or stopped); "
+                            "that rank's own message says why")
     if isinstance(exc, FileNotFoundError):
         return EXIT_USAGE, f"file not found: {exc}"
     if isinstance(exc, KeyboardInterrupt):

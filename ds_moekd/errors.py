@@ -67,7 +67,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, KeyboardInterrupt):
         return 130, "interrupted"
     if isinstance(exc, ValueError | KeyError):  # the loaders' checks say what and where
-        return EXIT_USAGE, f"{type(exc).__name__}: {exc}".replace("KeyError: ", "")
+        return EXIT_USAGE, str(exc).strip("'\"")
     return EXIT_ERROR, f"unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
 
 

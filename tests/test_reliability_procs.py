@@ -3,7 +3,6 @@ as a launcher starts it; the tests send real signals, stop ranks, corrupt files 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

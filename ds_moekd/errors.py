@@ -59,6 +59,9 @@ def classify(exc: BaseException) -> tuple[int, str]:
         port = os.environ.get("MASTER_PORT", "?")
         return EXIT_ENVIRONMENT, (f"port {port} on {os.environ.get('MASTER_ADDR', '?')} is in use (another job?); "
                                   "set MASTER_PORT to a free port, or leave it unset for a single-node launch script")
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("Timed out waiting", "collective operation timeout")):
+        return EXIT_HANG, ("a collective timed out (train.collective_timeout_s): another rank stalled or died; "
+                           f"resume from the last checkpoint with train.resume=true ({str(exc).splitlines()[0][-120:]})")
     if any(s in str(exc) for s in ("Connection closed by peer", "Connection reset by peer")):
         return EXIT_ERROR, ("lost contact with another rank (it failed, was killed or stopped); "
                             "that rank's own message says why")

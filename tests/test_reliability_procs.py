@@ -95,6 +95,22 @@ def test_a_stopped_rank_makes_the_other_exit_naming_its_rank_and_phase(tiny_demo
     assert "(rank 0): error: no progress for" in log and "in phase '" in log and "train.watchdog_s" in log
 
 
+def test_without_the_watchdog_the_collective_timeout_ends_a_stalled_job(tiny_demo, tmp_path):
+    run = tmp_path / "out" / "rel"
+    procs = start_ranks(tiny_overrides(tiny_demo, tmp_path / "out", steps=100000,
+                                       **{"train.watchdog_s": 0, "train.collective_timeout_s": 8}), log_dir=tmp_path)
+    wait_for_step(run / "metrics.jsonl", 3, procs)
+    procs[1].send_signal(signal.SIGSTOP)
+    try:
+        code = procs[0].wait(timeout=120)
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        stop(procs)
+    log = (tmp_path / "rank0.log").read_text()
+    assert code == EXIT_HANG, log
+    assert "(rank 0): error: a collective timed out (train.collective_timeout_s)" in log
+
+
 # -- numerics ---------------------------------------------------------------------------------
 
 

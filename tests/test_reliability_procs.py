@@ -7,11 +7,11 @@ import os
 import shutil
 import signal
 import subprocess
-import time
+import sys
 from pathlib import Path
 
 import pytest
-from rankprocs import REPO, run_env, run_once, start_ranks, stop, tiny_overrides, wait_all, wait_for_step
+from rankprocs import REPO, free_port, run_env, run_once, start_ranks, stop, tiny_overrides, wait_all, wait_for_step
 
 from ds_moekd.errors import EXIT_ENVIRONMENT, EXIT_HANG, EXIT_NUMERICS, EXIT_PREEMPTED, EXIT_USAGE
 from ds_moekd.telemetry import read_metrics
@@ -49,30 +49,42 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_step_with_a_checkpoint(tiny
     assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == list(range(1, last + 3))
 
 
-def test_sigterm_to_the_launch_script_reaches_the_ranks_and_leaves_no_process(tiny_demo, tmp_path):
-    overrides = " ".join(tiny_overrides(tiny_demo, tmp_path / "out", steps=100000))
-    script = (f"set -euo pipefail; source launcher/signals.sh; "
-              f"run_ranks deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port $MASTER_PORT "
-              f"--module ds_moekd.train --config ds_configs/quickstart.yaml {overrides}")
-    from rankprocs import free_port
+LAUNCHERS = {
+    "deepspeed": "deepspeed --num_gpus 2 --master_addr 127.0.0.1 --master_port $MASTER_PORT --module ds_moekd.train",
+    "mpirun": "mpirun -np 2 python -m ds_moekd.train",
+}
 
-    env = run_env({"MASTER_PORT": str(free_port()), "PATH": f"{Path(os.sys.executable).parent}:{os.environ['PATH']}"})
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_sigterm_to_the_launch_script_reaches_the_ranks_and_leaves_no_process(tiny_demo, tmp_path, launcher):
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / launcher).exists():
+        pytest.skip(f"no {launcher} in this environment")
+    overrides = " ".join(tiny_overrides(tiny_demo, tmp_path / "out", steps=100000))
+    # what the launch scripts do (they also run setup.sh, which the tests must not)
+    script = (f"set -euo pipefail; source launcher/signals.sh; "
+              f"run_ranks {LAUNCHERS[launcher]} --config ds_configs/quickstart.yaml {overrides}")
+    env = run_env({"MASTER_PORT": str(free_port()), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     with open(tmp_path / "launcher.log", "w") as log:
-        launcher = subprocess.Popen(["bash", "-c", script], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+        script_proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
     run = tmp_path / "out" / "rel"
-    wait_for_step(run / "metrics.jsonl", 3, [launcher])
-    ranks = [int(p) for p in subprocess.run(["pgrep", "-f", f"ds_moekd.train.*{tmp_path}"], capture_output=True,
-                                            text=True).stdout.split()]
-    launcher.send_signal(signal.SIGTERM)
-    code = launcher.wait(timeout=180)
+    try:
+        wait_for_step(run / "metrics.jsonl", 3, [script_proc])
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-f", f"ds_moekd.train.*{tmp_path}"],
+                                                capture_output=True, text=True).stdout.split()]
+        script_proc.send_signal(signal.SIGTERM)
+        code = script_proc.wait(timeout=180)
+    finally:
+        if script_proc.poll() is None:
+            os.killpg(script_proc.pid, signal.SIGKILL)
     text = (tmp_path / "launcher.log").read_text()
     assert code == EXIT_PREEMPTED, text
+    assert "stopped by SIGTERM" in text
     assert _committed(run) == [read_metrics(run / "metrics.jsonl")[-1]["step"]]
-    time.sleep(1)
     alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists()
              and "ds_moekd.train" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")]
-    assert len(ranks) >= 2 and alive == [], text  # no orphaned rank or launcher
+    assert len(ranks) >= 2 and alive == [], text  # no orphaned rank or launcher (both match the pattern)
 
 
 # -- hangs ------------------------------------------------------------------------------------

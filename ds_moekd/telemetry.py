@@ -85,6 +85,13 @@ class MetricsWriter:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_metrics(path: Path) -> list[dict]:

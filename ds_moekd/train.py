@@ -184,6 +184,55 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
     return dataset, batches
 
 
+def train_loop(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGroups, vocab: int, validator,
+               state: dict) -> None:
+    """Steps state["step"] + 1 .. train.steps, then the final checkpoint. All ranks stop together:
+    after a stop signal (Preempted, once the step's checkpoint is committed), on non-finite numerics
+    (NumericsError, nothing written), or through the watchdog on a stalled rank (docs/reliability.md)."""
+    start_step, gas, ckpt_dir = state["step"], cfg.train.gradient_accumulation_steps, cfg.run_dir / "checkpoints"
+    guard = NumericsGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, cfg.train.spike_factor,
+                          skipped=state.get("skipped_steps", 0))
+    metrics = MetricsWriter(cfg.run_dir / "metrics.jsonl", enabled=groups.rank == 0, keep_steps_upto=start_step)
+    progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
+                    disable=groups.rank != 0, desc=cfg.method, dynamic_ncols=True)
+    saved = start_step
+    with StopSignal() as stop, watchdog.Watchdog(cfg.train.watchdog_s, groups.rank) as dog, metrics:
+        for step in progress:
+            step_start, watch = time.perf_counter(), Stopwatch()
+            micro_batches = [next(batches) for _ in range(gas)]
+            shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
+            record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
+            guard.check(step + 1, record["loss"], *step_outcome(engine))  # the same verdict on every rank
+            record["skipped_steps"] = guard.skipped
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                metrics.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            stopping = stop.agreed(groups.world_group)  # every rank stops after the same step
+            if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+                save_checkpoint(engine, method, ckpt_dir, step + 1, guard, groups, cfg)
+                saved = step + 1
+            if stopping:
+                raise Preempted(f"stopped by {stop.name} after step {step + 1}; checkpoint {ckpt_dir}/step{step + 1} "
+                                "is committed: resume with train.resume=true")
+            if validator is not None and validator.due(step + 1):
+                dog.progress(step + 1, "validation")
+                validator.run(engine, step + 1)
+            dog.progress(step + 1, "step")
+        if saved != cfg.train.steps:
+            with phase("DeepSpeed checkpoint"):
+                save_checkpoint(engine, method, ckpt_dir, cfg.train.steps, guard, groups, cfg)
+        dog.progress(cfg.train.steps, "export")
+        check_finite_parameters(engine, groups.world_group, "the exported student")  # a bad export never replaces
+
+
+def check_models(cfg: RunConfig, student_path, tokenizer) -> None:
+    """Refuse pickle, truncated or mismatched model folders before anything loads their weights."""
+    check_model_files(student_path, "student.path", allow_pickle=cfg.student.allow_pickle_weights)
+    if cfg.method != "sft":
+        check_model_files(resolve_path(cfg.teacher.path), "teacher.path")
+        check_teacher_vocabulary(resolve_path(cfg.teacher.path), tokenizer)
+
+
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
     check_paths_exist(cfg)
@@ -204,61 +253,21 @@ def train(cfg: RunConfig) -> dict:
         save_config(cfg, run_dir / "config.yaml")
 
     student_path = resolve_path(cfg.student.path)
-    check_model_files(student_path, "student.path", allow_pickle=cfg.student.allow_pickle_weights)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
-    if cfg.method != "sft":
-        check_model_files(resolve_path(cfg.teacher.path), "teacher.path")
-        check_teacher_vocabulary(resolve_path(cfg.teacher.path), tokenizer)
+    check_models(cfg, student_path, tokenizer)
     dataset, batches = training_data(cfg, tokenizer, groups)
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups) if method.needs_teacher else None
     with phase("student engine"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab))
-    ckpt_dir = run_dir / "checkpoints"
-    state = resume_from_checkpoint(engine, method, ckpt_dir, groups, cfg) if cfg.train.resume else {"step": 0}
-    start_step = state["step"]
-    guard = NumericsGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, cfg.train.spike_factor,
-                          skipped=state.get("skipped_steps", 0))
-    gas = cfg.train.gradient_accumulation_steps
-    for _ in range(start_step * gas):  # the data stream continues exactly where the checkpoint left it
-        next(batches)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main, keep_steps_upto=start_step)
-    validator = Validator.create(cfg, tokenizer, groups, start_step)  # None unless validation.every > 0
-    steps = range(start_step, cfg.train.steps)
-    progress = tqdm(steps, initial=start_step, total=cfg.train.steps, disable=not is_main, desc=cfg.method,
-                    dynamic_ncols=True)
-    saved = start_step
-    with StopSignal() as stop, watchdog.Watchdog(cfg.train.watchdog_s, groups.rank) as dog:
-        for step in progress:
-            step_start, watch = time.perf_counter(), Stopwatch()
-            micro_batches = [next(batches) for _ in range(gas)]
-            shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
-            record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
-            guard.check(step + 1, record["loss"], *step_outcome(engine))  # the same verdict on every rank
-            record["skipped_steps"] = guard.skipped
-            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-                metrics.write(record)
-            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            stopping = stop.agreed(groups.world_group)  # every rank stops after the same step
-            if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
-                save_checkpoint(engine, method, ckpt_dir, step + 1, guard, groups, cfg)
-                saved = step + 1
-            if stopping:
-                metrics.close()
-                raise Preempted(f"stopped by {stop.name} after step {step + 1}; checkpoint {ckpt_dir}/step{step + 1} "
-                                "is committed: resume with train.resume=true")
-            if validator is not None and validator.due(step + 1):
-                dog.progress(step + 1, "validation")
-                validator.run(engine, step + 1)
-            dog.progress(step + 1, "step")
-        metrics.close()
-        with phase("DeepSpeed checkpoint"):
-            if saved != cfg.train.steps:
-                save_checkpoint(engine, method, ckpt_dir, cfg.train.steps, guard, groups, cfg)
-        dog.progress(cfg.train.steps, "export")
-        check_finite_parameters(engine, groups.world_group, "the exported student")
+    state = resume_from_checkpoint(engine, method, run_dir / "checkpoints", groups, cfg) if cfg.train.resume \
+        else {"step": 0}
+    for _ in range(state["step"] * cfg.train.gradient_accumulation_steps):  # the data stream continues
+        next(batches)  # exactly where the checkpoint left it
+    validator = Validator.create(cfg, tokenizer, groups, state["step"])  # None unless validation.every > 0
+    train_loop(cfg, engine, teacher, method, batches, groups, vocab, validator, state)
     method.finish(StepContext(engine, teacher, groups, vocab, cfg.train.steps, Stopwatch()), run_dir)
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 

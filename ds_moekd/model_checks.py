@@ -56,7 +56,7 @@ def check_safetensors_file(file: Path) -> None:
 def check_model_files(path: Path, field: str, allow_pickle: bool = False) -> None:
     """The folder of config field `field` holds complete safetensors weights (or allowed pickle ones)."""
     if not path.is_dir():
-        raise UserError(f"config field {field}: {path} is not a model folder")
+        raise UserError(f"{field}: {path} is not a model folder")
     files = safetensors_files(path)
     if files:
         for file in files:
@@ -64,10 +64,10 @@ def check_model_files(path: Path, field: str, allow_pickle: bool = False) -> Non
         return
     pickles = [name for name in PICKLE_NAMES if (path / name).exists()]
     if not pickles:
-        raise UserError(f"config field {field}: {path} holds no model weights (*.safetensors)")
+        raise UserError(f"{field}: {path} holds no model weights (*.safetensors)")
     if not allow_pickle:
-        switch = f"{field.split('.')[0]}.allow_pickle_weights=true" if field == "student.path" else None
-        raise UserError(f"config field {field}: {path} holds pickle weights ({pickles[0]}), which can run code "
+        switch = "student.allow_pickle_weights=true" if field == "student.path" else None
+        raise UserError(f"{field}: {path} holds pickle weights ({pickles[0]}), which can run code "
                         f"when loaded; convert them with `ds-moekd convert {path} OUT_DIR`"
                         + (f" or set {switch} if you trust the file" if switch else ""))
 

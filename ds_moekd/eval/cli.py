@@ -28,6 +28,7 @@ from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shut
 from ds_moekd.errors import UserError
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
+from ds_moekd.model_checks import check_model_files
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
 from ds_moekd.teacher import MoETeacher
 from ds_moekd.teacher.families import FAMILIES
@@ -113,6 +114,7 @@ def main(argv=None) -> dict:
     model_dir = resolve_path(args.model)
     if not model_dir.is_dir():  # never fall through to a hub lookup
         raise UserError(f"--model {args.model}: no such model folder (ds-moekd eval reads local folders only)")
+    check_model_files(model_dir, "--model")  # safetensors only, no truncated shards
     data_source = str(resolve_path(args.data))
     moe = is_moe_checkpoint(model_dir)
     info = discover_ranks()

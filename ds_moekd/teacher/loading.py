@@ -44,7 +44,7 @@ def tensor_files(path: str) -> dict[str, str]:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
     raise FileNotFoundError(
         f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; the teacher reads safetensors checkpoints "
-        "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
+        "(convert a .bin checkpoint with `ds-moekd convert SRC DST`)"
     )
 
 

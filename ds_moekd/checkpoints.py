@@ -181,8 +181,11 @@ def check_settings(tag_dir: Path, cfg: RunConfig, world_size: int) -> None:
 def resume(engine, ckpt_dir: Path, groups: ParallelGroups, cfg: RunConfig) -> dict | None:
     """Load the newest verified checkpoint into the engine; its client state, or None to start fresh."""
     tag_dir = choose(ckpt_dir, groups) if ckpt_dir.is_dir() else None
+    if tag_dir is None and ckpt_dir.is_dir() and any(TAG.match(p.name) for p in ckpt_dir.iterdir()):
+        raise UserError(f"train.resume: no checkpoint in {ckpt_dir} is complete (see the reasons above); move the "
+                        "folder aside to start again, or set train.overwrite=true instead of train.resume")
     if tag_dir is None:
-        log.info("train.resume: no verified checkpoint in %s, starting at step 0", ckpt_dir)
+        log.info("train.resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
         return None
     check_settings(tag_dir, cfg, groups.world_size)
     try:

@@ -89,6 +89,7 @@ def run_command(fn, argv: list[str], prog: str) -> None:
             traceback.print_exc()
         rank = os.environ.get("RANK")
         where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-        print(f"{prog}{where}: {'stopped' if code == EXIT_PREEMPTED else 'error'}: {message}", file=sys.stderr)
+        label = "" if code == EXIT_PREEMPTED else "error: "  # a requested stop is not an error
+        print(f"{prog}{where}: {label}{message}", file=sys.stderr)
         sys.stderr.flush()
         sys.exit(code)

@@ -31,11 +31,13 @@ class NumericsGuard:
     def __init__(self, policy: str, max_skipped: int, spike_factor: float, window: int = 20, skipped: int = 0):
         self.policy, self.max_skipped, self.spike_factor = policy, max_skipped, spike_factor
         self.skipped = skipped  # carried across resume in the checkpoint
+        self.last_skipped = False  # the latest step's update was refused
         self._recent: deque[float] = deque(maxlen=window)
 
     def check(self, step: int, loss: float, grad_norm: float | None, applied: bool) -> None:
         """Judge one finished optimizer step (1-based `step`); raise NumericsError to stop."""
         finite = math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm))
+        self.last_skipped = not finite
         if finite:
             mean = sum(self._recent) / len(self._recent) if self._recent else None
             if self.spike_factor and mean and len(self._recent) >= 3 and loss > self.spike_factor * mean:

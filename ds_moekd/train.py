@@ -208,7 +208,9 @@ def train_loop(cfg: RunConfig, engine, teacher, method, batches, groups: Paralle
                 metrics.write(record)
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             stopping = stop.agreed(groups.world_group)  # every rank stops after the same step
-            if stopping or (cfg.train.save_every and (step + 1) % cfg.train.save_every == 0):
+            periodic = cfg.train.save_every and (step + 1) % cfg.train.save_every == 0
+            # a skipped step's checkpoint would only push an older one out of train.keep_checkpoints
+            if stopping or (periodic and not guard.last_skipped):
                 save_checkpoint(engine, method, ckpt_dir, step + 1, guard, groups, cfg)
                 saved = step + 1
             if stopping:

@@ -51,7 +51,7 @@ class Watchdog:
             idle = time.monotonic() - self._last
             if idle > self.timeout_s and self.phase_name not in UNWATCHED:
                 sys.stderr.write(
-                    f"ds-moekd (rank {self.rank}): error: no progress for {idle:.0f} s in phase "
+                    f"\nds-moekd (rank {self.rank}): error: no progress for {idle:.0f} s in phase "
                     f"'{self.phase_name}' (step {self.step}); another rank has probably stalled or died. "
                     f"Exiting with code {EXIT_HANG}; resume from the last checkpoint with train.resume=true "
                     "(train.watchdog_s sets this limit)\n"

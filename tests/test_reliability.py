@@ -202,6 +202,15 @@ def test_choose_takes_the_newest_verified_checkpoint_and_prune_keeps_k(tiny_demo
     assert sorted(p.name for p in ckpt.iterdir()) == ["step3", "step4", "step5"]  # newest 2 committed + newer
 
 
+def test_resume_refuses_when_checkpoints_exist_but_none_is_complete(tiny_demo, tmp_path):
+    cfg = _cfg(tiny_demo, tmp_path)
+    ckpt = tmp_path / "ckpt"
+    _fake_checkpoint(ckpt, 1, cfg, commit=False)
+    with pytest.raises(UserError, match="no checkpoint in .* is complete"):
+        checkpoints.resume(None, ckpt, ParallelGroups.single(), cfg)
+    assert checkpoints.resume(None, tmp_path / "empty", ParallelGroups.single(), cfg) is None  # nothing yet: step 0
+
+
 def test_a_resume_with_changed_settings_is_refused_unless_allowed(tiny_demo, tmp_path):
     tag = _fake_checkpoint(tmp_path / "ckpt", 2, _cfg(tiny_demo, tmp_path))
     with pytest.raises(UserError, match=r"train.seed: 1234 in the checkpoint, 7 now.*allow_config_change"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -380,8 +381,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _validate(cfg)
     except ConfigError as exc:
         msg = str(exc)
-        field_path = msg.split("config field ", 1)[-1].split("=", 1)[0].split(" ", 1)[0].strip("'")
-        if field_path in overridden:
+        match = re.search(r"config field '?([\w.]+)", msg)
+        field_path = match.group(1) if match else ""
+        # an override is blamed for its own field, and for an unknown section it introduced
+        if any(o == field_path or o.startswith(field_path + ".") for o in overridden):
             raise ConfigError(f"{msg} (from a command-line override)") from None
         line = _line_of(text, field_path)
         raise ConfigError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}") from None

@@ -279,3 +279,12 @@ def test_eval_of_a_missing_model_folder_never_looks_up_a_hub(tmp_path):
                           env=run_env({"HF_HUB_OFFLINE": "1"}), cwd=REPO, capture_output=True, text=True)
     assert done.returncode == EXIT_USAGE
     assert "--model no/such-model: no such model folder" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("override, field", [("train.stepz=3", "'train.stepz'"), ("trainx.steps=3", "'trainx'")])
+def test_an_unknown_field_from_an_override_is_not_blamed_on_a_line_of_the_file(override, field):
+    from ds_moekd.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "ds_configs/quickstart.yaml", [override])
+    assert str(err.value).startswith(f"unknown config field {field}") and "(from a command-line override)" in str(err.value)

@@ -27,6 +27,20 @@ def _tree_digest(folder: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def good_run(tiny_demo, tmp_path_factory):
+    """A finished 3-step run; tests copy it (`_copy_run`) before changing anything."""
+    out = tmp_path_factory.mktemp("good")
+    codes, text = run_once(tiny_overrides(tiny_demo, out / "out", steps=3), out)
+    assert codes == [0, 0], text
+    return out / "out"
+
+
+def _copy_run(good_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(good_run, tmp_path / "out")
+    return tmp_path / "out"
+
+
 # -- preemption -------------------------------------------------------------------------------
 
 
@@ -147,11 +161,9 @@ NAN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(NAN_CASES))
-def test_a_nan_weight_stops_the_run_without_checkpoint_or_export(tiny_demo, tmp_path, case):
+def test_a_nan_weight_stops_the_run_without_checkpoint_or_export(tiny_demo, good_run, tmp_path, case):
     policy, max_skipped, steps, *expected = NAN_CASES[case]
-    out = tmp_path / "out"
-    codes, text = run_once(tiny_overrides(tiny_demo, out, steps=3), tmp_path)  # a good finished run first
-    assert codes == [0, 0], text
+    out = _copy_run(good_run, tmp_path)  # a good finished run first
     good_export = _tree_digest(out / "rel" / "student_hf")
     bad = tiny_overrides(tiny_demo, out, steps=steps, **{
         "student.path": _nan_student(tiny_demo, tmp_path / "nan_student"), "train.overwrite": "true",
@@ -224,10 +236,8 @@ def test_a_full_disk_fails_clearly_and_keeps_the_last_committed_checkpoint(tiny_
 # -- run folders ------------------------------------------------------------------------------
 
 
-def test_a_finished_run_folder_is_refused_unless_resumed_or_overwritten(tiny_demo, tmp_path):
-    out = tmp_path / "out"
-    codes, text = run_once(tiny_overrides(tiny_demo, out, steps=2), tmp_path)
-    assert codes == [0, 0], text
+def test_a_finished_run_folder_is_refused_unless_resumed_or_overwritten(tiny_demo, good_run, tmp_path):
+    out = _copy_run(good_run, tmp_path)
     before = (out / "rel" / "metrics.jsonl").read_text()
     codes, text = run_once(tiny_overrides(tiny_demo, out, steps=2), tmp_path)
     assert codes == [EXIT_USAGE] * 2 and "already holds a finished run" in text and "train.overwrite=true" in text

@@ -1,6 +1,6 @@
 """Never silently overwrite a run (docs/reliability.md, "Run folders").
 
-An output folder that already holds a run (its config.yaml, metrics or checkpoints) is used only
+An output folder that already holds a run (its metrics, checkpoints or run.json) is used only
 when the user says how: `train.resume=true` continues it (the checkpoint's settings are checked
 in ds_moekd.checkpoints), `train.overwrite=true` starts again, removing the old run's metrics and
 checkpoints. Its exports stay until the new run replaces them atomically with finite weights.
@@ -15,7 +15,9 @@ from ds_moekd.config import RunConfig
 from ds_moekd.errors import UserError
 from ds_moekd.telemetry import log
 
-RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "run.json")
+# What a run leaves once it has trained (a config.yaml alone, from a run that failed at start-up,
+# holds nothing to lose and is simply replaced).
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "run.json")
 # What belongs to one training run and is removed on overwrite (exports are replaced later).
 RUN_STATE = ("checkpoints", "metrics.jsonl", "validation.jsonl", "run.json", "report.md", "loss.png")
 

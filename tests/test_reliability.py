@@ -225,6 +225,8 @@ def test_run_folder_rules(tiny_demo, tmp_path):
     run = tmp_path / "rel"
     run.mkdir()
     (run / "config.yaml").write_text("name: rel\n")
+    check_run_folder(_cfg(tiny_demo, tmp_path))  # a run that failed at start-up: nothing to lose
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(UserError, match="already holds an unfinished run; continue it with train.resume=true"):
         check_run_folder(_cfg(tiny_demo, tmp_path))
     (run / "run.json").write_text("{}")

@@ -19,7 +19,9 @@ import yaml
 
 METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")  # ds_moekd/methods, one file each
 ON_POLICY_METHODS = ("gkd", "all", "ka", "sar")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: follow `precision`
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # ds_moekd/device.py
+DIST_BACKENDS = ("auto", "nccl", "gloo")
 # ds_moekd.kernels' backends (spelled out here so loading a config does not import the kernels)
 EXPERT_BACKENDS = ("auto", "torch", "triton", "torch_grouped_mm", "megablocks")
 LOSS_BACKENDS = ("auto", "torch", "triton")
@@ -43,14 +45,16 @@ class DataConfig:
 class TeacherConfig:
     path: str | None = None  # HF-format MoE checkpoint; `demo:teacher` is the embedded default
     ep_size: int = 0  # expert-parallel size; 0 = the whole world
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: the run's precision (bf16 on GPUs, fp32 on CPU); or float32, bfloat16, float16
     expert_backend: str = "auto"  # expert FFN kernels (ds_moekd.kernels): auto, torch, triton, torch_grouped_mm, megablocks
 
 
 @dataclass(frozen=True, kw_only=True)
 class StudentConfig:
     path: str  # HF-format causal LM; `demo:student` is the embedded default
-    deepspeed_config: str = "ds_configs/zero3_cpu.json"
+    # auto: ds_configs/zero3_gpu.json on GPUs, ds_configs/zero3_cpu.json on CPU; its bf16/fp16
+    # sections follow `precision` (ds_moekd/student/engine.py)
+    deepspeed_config: str = "auto"
     allow_pickle_weights: bool = False  # load pytorch_model.bin (pickle) weights; safetensors only otherwise
 
 
@@ -154,6 +158,7 @@ class TrainConfig:
     save_every: int = 0  # 0 = only at the end
     resume: bool = False  # continue from the newest verified checkpoint in <run_dir>/checkpoints
     seed: int = 1234
+    dist_backend: str = "auto"  # auto: nccl between GPUs, gloo between CPU processes
     # Reliability (docs/reliability.md)
     overwrite: bool = False  # replace a run already in <run_dir> (otherwise refused unless resuming)
     allow_config_change: bool = False  # resume although seed, batch sizes, lr, method or models changed
@@ -195,6 +200,8 @@ class RunConfig:
     name: str
     method: str = "kd"
     output_dir: str = "runs"
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp32; sets the student's and the teacher's
+
     data: DataConfig
     student: StudentConfig
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -217,7 +224,9 @@ def _validate(cfg: RunConfig) -> None:
         ("method", cfg.method in METHODS, f"one of {METHODS}"),
         ("teacher.path", cfg.method == "sft" or cfg.teacher.path, f"required for method {cfg.method!r}"),
         ("teacher.ep_size", cfg.teacher.ep_size >= 0, "0 (whole world) or a positive divisor of the world size"),
+        ("precision", cfg.precision in PRECISIONS, f"one of {PRECISIONS}"),
         ("teacher.dtype", cfg.teacher.dtype in DTYPES, f"one of {DTYPES}"),
+        ("train.dist_backend", cfg.train.dist_backend in DIST_BACKENDS, f"one of {DIST_BACKENDS}"),
         ("teacher.expert_backend", cfg.teacher.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
         ("kd.loss_backend", cfg.kd.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
         ("data.format", cfg.data.format in ("auto", "minillm", "dolly", "self-instruct", "sni"),
@@ -408,7 +417,7 @@ def check_paths_exist(cfg: RunConfig) -> None:
         "data.valid_file": cfg.data.valid_file,
         "report.eval_file": cfg.report.eval_file,
         "student.path": cfg.student.path,
-        "student.deepspeed_config": cfg.student.deepspeed_config,
+        "student.deepspeed_config": None if cfg.student.deepspeed_config == "auto" else cfg.student.deepspeed_config,
         "teacher.path": cfg.teacher.path if cfg.method != "sft" else None,
     }
     for field_path, value in fields.items():

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ds_moekd.device import bind_device, collective_backend
+
 # Launchers differ in how they name a process's place in the job; normalise to torch's names.
 _RANK_SOURCES = (
     ("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # deepspeed, torchrun
@@ -83,14 +85,17 @@ def set_collective_timeout(seconds: float) -> None:
     _collective_timeout_s = seconds
 
 
-def init_distributed(backend: str | None = None) -> RankInfo:
-    """Start the default process group through DeepSpeed (idempotent; single process works too)."""
+def init_distributed(backend: str = "auto") -> RankInfo:
+    """Bind this rank to its device, then start the default process group through DeepSpeed
+    (idempotent; a single process works too). `backend` is `train.dist_backend`: auto talks NCCL
+    between GPUs and gloo between CPU processes (ds_moekd/device.py)."""
     import deepspeed
     import deepspeed.comm
 
     info = discover_ranks()
     export_rank_env(info)
-    if deepspeed.get_accelerator().device_name() == "cpu":
+    device = bind_device(info.local_rank)
+    if device.type == "cpu":
         # On the CPU accelerator DeepSpeed compiles a shared-memory all-reduce op at start-up
         # (1-2 minutes on a fresh machine); only DeepSpeed-inference's all-reduce uses it, so
         # training skips the build and talks gloo.
@@ -99,7 +104,7 @@ def init_distributed(backend: str | None = None) -> RankInfo:
     if not deepspeed.comm.is_initialized():
         # deepspeed's own MPI discovery would overwrite MASTER_ADDR with the host's address;
         # the environment is already complete, so it is not needed.
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+        deepspeed.init_distributed(dist_backend=collective_backend(backend, device), auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=_collective_timeout_s))
     return info
 

@@ -19,10 +19,11 @@ from ds_moekd.eval.runner import EvalSettings, evaluate
 from ds_moekd.telemetry import moving_average, read_metrics
 
 
-def score_model(model_dir: Path, data: EvalData, max_new_tokens: int, max_prompt_tokens: int) -> dict:
+def score_model(model_dir: Path, data: EvalData, max_new_tokens: int, max_prompt_tokens: int,
+                device: torch.device | str = "cpu") -> dict:
     """Greedy decoding on held-out records through the eval pipeline: strict exact match, ROUGE-L."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=str(device)).eval()
     settings = EvalSettings(greedy=True, max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
                             batch_size=64)
     result = evaluate(model, tokenizer, data, settings, progress=False)
@@ -33,11 +34,11 @@ def score_model(model_dir: Path, data: EvalData, max_new_tokens: int, max_prompt
     }
 
 
-def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path) -> dict:
+def evaluate_student(cfg: RunConfig, before_dir: Path, after_dir: Path, device: torch.device | str = "cpu") -> dict:
     eval_file = cfg.report.eval_file or cfg.data.valid_file
     data = load_eval_data(str(resolve_path(eval_file)), format=cfg.data.format)
     data = EvalData(data.records[: cfg.report.eval_examples], data.format, data.source)
-    args = (data, cfg.report.max_new_tokens, cfg.data.max_prompt_tokens)
+    args = (data, cfg.report.max_new_tokens, cfg.data.max_prompt_tokens, device)
     return {
         "data": eval_file,
         "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",

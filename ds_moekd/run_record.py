@@ -87,7 +87,7 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
         }
         if cfg.report.eval_examples and (cfg.report.eval_file or cfg.data.valid_file):
             with phase("held-out evaluation before/after"):
-                record["eval"] = evaluate_student(cfg, student_path, export_dir)
+                record["eval"] = evaluate_student(cfg, student_path, export_dir, engine.device)
         record["wall_s"] = time.time() - start_time
         write_text(run_dir / "run.json", json.dumps(record, indent=2) + "\n")
         write_run_report(run_dir, record)

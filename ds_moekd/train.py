@@ -25,6 +25,7 @@ from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
 from ds_moekd.data.batching import Batch, rank_batches, tokenize_records
 from ds_moekd.data.formats import load_eval_data
+from ds_moekd.device import rank_device, resolve_precision, teacher_dtype
 from ds_moekd.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
 from ds_moekd.errors import Preempted, run_command
 from ds_moekd.eval.validation import Validator
@@ -111,7 +112,7 @@ def step_record(step, engine, groups, shares, watch, step_time) -> dict:
     """One metrics.jsonl line; losses and the method's extras are global (the per-rank shares summed)."""
     loss_sum, parts_sum, extras = shares
     named = {**parts_sum, **extras}
-    totals = torch.tensor([loss_sum, *named.values()], dtype=torch.float64)
+    totals = torch.tensor([loss_sum, *named.values()], dtype=torch.float64, device=engine.device)
     if groups.dp_group is not None:
         torch.distributed.all_reduce(totals, group=groups.dp_group)
     named = {k: totals[1 + i].item() for i, k in enumerate(named)}
@@ -149,11 +150,12 @@ def resume_from_checkpoint(engine, method, ckpt_dir, groups: ParallelGroups, cfg
     return state
 
 
-def load_teacher(cfg: RunConfig, groups: ParallelGroups):
+def load_teacher(cfg: RunConfig, groups: ParallelGroups, device: torch.device, precision: str):
+    """This rank's part of the teacher, read straight onto `device` in `teacher.dtype` (auto: `precision`)."""
     from ds_moekd.teacher import MoETeacher
 
-    dtype = getattr(torch, cfg.teacher.dtype)
-    return MoETeacher.from_pretrained(resolve_path(cfg.teacher.path), groups=groups, dtype=dtype)
+    dtype = teacher_dtype(cfg.teacher.dtype, precision)
+    return MoETeacher.from_pretrained(resolve_path(cfg.teacher.path), groups=groups, dtype=dtype, device=device)
 
 
 def fused_head(cfg: RunConfig, method, vocab: int):
@@ -168,8 +170,8 @@ def fused_head(cfg: RunConfig, method, vocab: int):
     )
 
 
-def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
-    """The tokenised training set and this rank's endless stream of micro-batches."""
+def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups, device: torch.device):
+    """The tokenised training set and this rank's endless stream of micro-batches on `device`."""
     with phase("data"):
         dataset = tokenize_records(
             load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format).records,
@@ -181,7 +183,7 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups):
              dataset.dropped_long_prompts)
     batches = rank_batches(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_rank=groups.dp_rank,
                            dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id)
-    return dataset, batches
+    return dataset, (batch.to(device) for batch in batches)
 
 
 def train_loop(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGroups, vocab: int, validator,
@@ -241,10 +243,13 @@ def train(cfg: RunConfig) -> dict:
     check_run_folder(cfg)  # on every rank, before any rank writes (init_distributed below waits for all)
     set_collective_timeout(cfg.train.collective_timeout_s)
     with phase("distributed start"):
-        info = init_distributed()
+        info = init_distributed(cfg.train.dist_backend)
         setup_logging(info.rank)
         groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
-    log.info("world size %d (%s), teacher expert-parallel size %d", groups.world_size, info.source, groups.ep_size)
+    device = rank_device(info.local_rank)
+    precision = resolve_precision(cfg.precision, device)
+    log.info("world size %d (%s), teacher expert-parallel size %d, %s on %s (%s)", groups.world_size, info.source,
+             groups.ep_size, precision, device, torch.distributed.get_backend() if groups.world_group else "1 process")
     torch.manual_seed(cfg.train.seed)
     kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
     is_main = groups.rank == 0
@@ -258,12 +263,13 @@ def train(cfg: RunConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
     check_models(cfg, student_path, tokenizer)
-    dataset, batches = training_data(cfg, tokenizer, groups)
+    dataset, batches = training_data(cfg, tokenizer, groups, device)
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
-        teacher = load_teacher(cfg, groups) if method.needs_teacher else None
+        teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
     with phase("student engine"):
-        engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab))
+        engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab),
+                                      precision=precision, device=device)
     state = resume_from_checkpoint(engine, method, run_dir / "checkpoints", groups, cfg) if cfg.train.resume \
         else {"step": 0}
     for _ in range(state["step"] * cfg.train.gradient_accumulation_steps):  # the data stream continues

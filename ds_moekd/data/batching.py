@@ -7,6 +7,7 @@ twice the micro-batch sees, which is what makes the 2-rank == 1-rank loss test m
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -75,6 +76,11 @@ class Batch:
         ends = self.attention_mask.sum(dim=1).tolist()
         return [row[n:end].tolist() for row, n, end in
                 zip(self.input_ids, self.prompt_lengths.tolist(), ends, strict=True)]
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch on `device` (batches are built on the CPU, then moved to the rank's device)."""
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in moved.items()})
 
     @property
     def targets(self) -> torch.Tensor:  # [B, T-1]

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.data.formats import FORMATS, load_eval_data
+from ds_moekd.device import bind_device
 from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
 from ds_moekd.errors import UserError
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
@@ -119,7 +120,7 @@ def main(argv=None) -> dict:
     moe = is_moe_checkpoint(model_dir)
     info = discover_ranks()
     if info.world_size > 1:
-        init_distributed()
+        init_distributed()  # binds the rank to its GPU first (ds_moekd/device.py)
     ep_size = info.world_size if args.ep_size == 0 else args.ep_size
     backend = choose_backend(args.backend, moe=moe, routing=args.routing, ep_size=ep_size)
     ka_options = (args.ka_resample_prob, args.ka_num_selected, args.ka_seed)
@@ -128,14 +129,14 @@ def main(argv=None) -> dict:
     args.ka_resample_prob = 0.05 if args.ka_resample_prob is None else args.ka_resample_prob
     args.ka_seed = 0 if args.ka_seed is None else args.ka_seed
     data = load_eval_data(data_source, format=args.format, references=args.references, split=args.split)
-    device = torch.device(f"cuda:{info.local_rank}" if torch.cuda.is_available() else "cpu")
+    device = bind_device(info.local_rank)
     dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     groups = ParallelGroups.create(ep_size=ep_size) if backend == "moe" else ParallelGroups.single()
     if backend == "moe":
-        model = MoETeacher.from_pretrained(str(model_dir), groups=groups, dtype=dtype).to(device)
+        model = MoETeacher.from_pretrained(str(model_dir), groups=groups, dtype=dtype, device=device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map=str(device)).eval()
     routing, routing_settings = None, None
     if moe:  # all/ka run on the MoETeacher only (choose_backend)
         num_experts = model.family.router_spec(model.config).num_experts if backend == "moe" else None
@@ -147,7 +148,7 @@ def main(argv=None) -> dict:
     results["settings"]["routing"] = routing_settings
     if moe:
         if backend == "hf":  # the diagnostics read the MoETeacher's gates (every family's router)
-            model = MoETeacher.from_pretrained(str(model_dir), dtype=dtype).to(device)
+            model = MoETeacher.from_pretrained(str(model_dir), dtype=dtype, device=device)
         results["routing_diagnostics"] = gate_diagnostics(model, tokenizer, data, settings, info, world_group,
                                                           groups.ep_group, routing)
     results["model"] = {

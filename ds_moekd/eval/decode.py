@@ -40,10 +40,10 @@ def decode_shard(model, tokenizer, prompts: list[list[int]], keys: list[int], de
     batches = [order[s:s + decoding.batch_size] for s in range(0, len(order), decoding.batch_size)]
     device = next(model.parameters()).device
     texts: list[str] = [""] * len(prompts)
-    for b in range(group_max(len(batches), lockstep_group)):
+    for b in range(group_max(len(batches), lockstep_group, device)):
         rows = batches[b] if b < len(batches) else []
         ids, mask = left_pad([prompts[i] for i in rows] or [[tokenizer.eos_token_id]], tokenizer.pad_token_id)
-        keys_B = torch.tensor([keys[i] for i in rows] or [-1], dtype=torch.long)
+        keys_B = torch.tensor([keys[i] for i in rows] or [-1], dtype=torch.long, device=device)
         new_BN = decode_ids(
             model, ids.to(device), mask.to(device), max_new_tokens=decoding.max_new_tokens,
             sampling=None if decoding.seed is None else Sampling(temperature=decoding.temperature),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ds_moekd.eval.decode import left_pad
+from ds_moekd.decoding import group_max, left_pad
 
 
 @torch.no_grad()
@@ -22,14 +22,10 @@ def non_activated_gate_mass(teacher, prompts: list[list[int]], keys: list[int], 
     `keys`: the prompts' global indices (KA routing draws are keyed by them, as in decoding). Under
     EP (`lockstep_group`) all ranks run the same number of forwards (an empty rank a dummy one).
     """
-    n_batches = -(-len(prompts) // batch_size)
-    if lockstep_group is not None:
-        t = torch.tensor([n_batches])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=lockstep_group)
-        n_batches = int(t.item())
-    layers = len(teacher.moe_blocks)
-    sums = torch.zeros(layers + 1, dtype=torch.float64)  # per-layer mass sums, then the token count
     device = next(teacher.parameters()).device
+    n_batches = group_max(-(-len(prompts) // batch_size), lockstep_group, device)
+    layers = len(teacher.moe_blocks)
+    sums = torch.zeros(layers + 1, dtype=torch.float64, device=device)  # per-layer mass sums, then the token count
     for b in range(n_batches):
         rows = slice(b * batch_size, (b + 1) * batch_size)
         ids, mask = left_pad(prompts[rows] or [[pad_token_id]], pad_token_id)

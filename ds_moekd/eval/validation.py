@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import deepspeed
+import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
@@ -96,8 +97,8 @@ class Validator:
     def _gathered_replica(self, engine, zero3: bool):
         """A plain copy of the student with the current full weights (all ranks call: the gather is collective)."""
         if self._replica is None:
-            self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
-            self._replica.to(next(engine.module.parameters()).device)
+            with torch.device(next(engine.module.parameters()).device):  # on the student's device, no CPU copy first
+                self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
         params = list(engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
             self._replica.load_state_dict(engine.module.state_dict())

@@ -17,7 +17,9 @@ from ds_moekd.dist import ParallelGroups, all_reduce_sum
 
 
 def global_token_count(loss_masks: Sequence[torch.Tensor], groups: ParallelGroups) -> float:
-    count = torch.tensor([float(sum(m.sum().item() for m in loss_masks))], dtype=torch.float64)
+    # on the masks' device: NCCL reduces GPU tensors only
+    count = torch.tensor([float(sum(m.sum().item() for m in loss_masks))], dtype=torch.float64,
+                         device=loss_masks[0].device)
     all_reduce_sum(count, groups.dp_group)
     if count.item() == 0:
         raise ValueError("the global batch has no response tokens to train on")

@@ -47,7 +47,7 @@ class OnPolicyDistillation(Method):
     def on_policy_rows(self, batch: Batch, step: int) -> torch.Tensor:
         """Which rows get a student rollout `[B]` bool: a coin per (seed, step, example id)."""
         if self.cfg.on_policy_fraction >= 1.0:
-            return torch.ones(len(batch.example_ids), dtype=torch.bool)
+            return torch.ones(len(batch.example_ids), dtype=torch.bool, device=batch.example_ids.device)
         key = CounterKey(MIXING_SLOT, batch.example_ids, torch.zeros_like(batch.example_ids))
         return counter_uniform(self.seed, step, key, streams=1)[:, 0] < self.cfg.on_policy_fraction
 
@@ -72,7 +72,7 @@ class OnPolicyDistillation(Method):
         ctx.metrics["on_policy_examples"] = ctx.metrics.get("on_policy_examples", 0) + len(rows)
         ctx.metrics["response_tokens"] = ctx.metrics.get("response_tokens", 0) + sum(map(len, responses))
         examples = [TokenizedExample(p, r) for p, r in zip(prompts, responses, strict=True)]
-        return collate(examples, self.rollout.pad_token_id, example_ids=ids)
+        return collate(examples, self.rollout.pad_token_id, example_ids=ids).to(batch.input_ids.device)
 
 
 class AllExpertsDistillation(OnPolicyDistillation):

@@ -12,14 +12,26 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from ds_moekd.config import OptimConfig, RunConfig
+from ds_moekd.device import PRECISION_DTYPES, default_deepspeed_config
 from ds_moekd.dist import init_distributed
+from ds_moekd.telemetry import log
+
+REPO_DIR = Path(__file__).resolve().parents[2]  # ds_configs/ sits beside the package in a checkout
 
 # Values of the DeepSpeed JSON that the run config owns; "auto" in the JSON means "fill in".
 _AUTO_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
 
 
-def load_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int) -> dict:
-    """Read the DeepSpeed JSON and fill the batch/optimizer values from the run config."""
+def deepspeed_config_path(requested: str, device: torch.device) -> Path:
+    """`student.deepspeed_config`; auto picks the shipped ZeRO-3 JSON for the device kind."""
+    if requested != "auto":
+        return Path(requested)
+    return REPO_DIR / default_deepspeed_config(device)
+
+
+def load_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int, precision: str = "fp32") -> dict:
+    """Read the DeepSpeed JSON and fill the batch/optimizer values and the precision sections
+    (`bf16`, `fp16`) from the run config (`precision` resolved by ds_moekd/device.py)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"student.deepspeed_config: {path} does not exist")
@@ -38,6 +50,14 @@ def load_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int) -> 
                 f"{path}: {key}={ds[key]!r} conflicts with the run config ({filled[key]!r}); set it to \"auto\""
             )
         ds[key] = filled[key]
+    for section, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        current = ds.get(section, {}).get("enabled", "auto")
+        if current not in ("auto", enabled):
+            raise ValueError(
+                f"{path}: {section}.enabled={current!r} conflicts with precision={precision!r}; "
+                "set it to \"auto\" and choose with the run config's `precision`"
+            )
+        ds.setdefault(section, {})["enabled"] = enabled
     ds["train_batch_size"] = cfg.data.micro_batch_size * cfg.train.gradient_accumulation_steps * world_size
     params = ds.get("optimizer", {}).get("params", {})
     for key, value in (("lr", cfg.optim.lr), ("weight_decay", cfg.optim.weight_decay)):
@@ -59,13 +79,17 @@ def warmup_cosine(optim: OptimConfig, total_steps: int):
     return factor
 
 
-def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prepare_model=None):
-    """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON); `prepare_model`
-    (model -> None) runs in between, e.g. to attach the fused loss head (losses/fused.py)."""
-    init_distributed()  # idempotent; DeepSpeed needs its comm layer before initialize
-    ds_config = load_deepspeed_config(cfg.student.deepspeed_config, cfg, world_size)
-    dtype = torch.bfloat16 if ds_config.get("bf16", {}).get("enabled") else torch.float32
-    model = _load_student(model_path, ds_config, dtype)
+def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prepare_model=None,
+                         precision: str = "fp32", device: torch.device | None = None):
+    """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON) that trains in
+    `precision` on `device`; `prepare_model` (model -> None) runs in between, e.g. to attach the
+    fused loss head (losses/fused.py)."""
+    init_distributed(cfg.train.dist_backend)  # idempotent; DeepSpeed needs its comm layer before initialize
+    device = torch.device("cpu") if device is None else device
+    ds_path = deepspeed_config_path(cfg.student.deepspeed_config, device)
+    ds_config = load_deepspeed_config(ds_path, cfg, world_size, precision)
+    log.info("student: DeepSpeed config %s, precision %s, on %s", ds_path, precision, device)
+    model = _load_student(model_path, ds_config, PRECISION_DTYPES[precision])
     model.config.use_cache = False  # training forward; generation turns it back on
     if prepare_model is not None:
         prepare_model(model)

@@ -88,7 +88,7 @@ def sample_responses(
     `lockstep_group` calls this, with or without prompts of its own."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts or [[settings.eos_token_id]], settings.pad_token_id)
-    keys_B = torch.tensor(keys or [-1], dtype=torch.long)
+    keys_B = torch.tensor(keys or [-1], dtype=torch.long, device=device)
     new_BN = decode_ids(
         model, ids.to(device), mask.to(device), max_new_tokens=settings.max_new_tokens, sampling=settings.sampling,
         seed=settings.seed, step=step, keys_B=keys_B, eos_token_id=settings.eos_token_id,

@@ -51,8 +51,11 @@ def tensor_files(path: str) -> dict[str, str]:
 class CheckpointReader:
     """Tensors of one checkpoint by name; `bytes_read` counts the bytes materialised so far."""
 
-    def __init__(self, path: str, *, fp8_block: tuple[int, int] = (128, 128)):
+    def __init__(self, path: str, *, fp8_block: tuple[int, int] = (128, 128), device: torch.device | str = "cpu"):
         self.path = path
+        # Tensors are read straight onto `device` (safetensors copies each from the file mapping to
+        # the GPU), so the teacher never exists as a full CPU copy (docs/devices.md).
+        self.device = torch.device(device)
         self.fp8_block = fp8_block  # quantization_config.weight_block_size
         self._file_of = {name: os.path.join(path, file) for name, file in tensor_files(path).items()}
         for file in sorted(set(self._file_of.values())):  # missing or truncated shards: a clear error now
@@ -77,7 +80,7 @@ class CheckpointReader:
         self.bytes_read += tensor.numel() * tensor.element_size()
         if tensor.dtype in _FP8_DTYPES:
             tensor = self._dequantize(name, tensor, rows)
-        return tensor if dtype is None else tensor.to(dtype)
+        return tensor.to(device=self.device, dtype=dtype)
 
     def _dequantize(self, name: str, weight_OI: torch.Tensor, rows: slice | None) -> torch.Tensor:
         scale_name = f"{name}_scale_inv"
@@ -103,8 +106,13 @@ class CheckpointReader:
         if file is None:
             raise KeyError(f"{self.path}: tensor {name!r} is not in the checkpoint")
         if file not in self._open:
-            self._open[file] = self._handles.enter_context(safe_open(file, framework="pt", device="cpu"))
+            self._open[file] = self._handles.enter_context(safe_open(file, framework="pt", device=self._open_device()))
         return self._open[file].get_slice(name)
+
+    def _open_device(self) -> str:
+        """Where safetensors materialises a tensor: the target device where it can (CPU and CUDA),
+        else the CPU, with `read` moving each tensor on."""
+        return str(self.device) if self.device.type in ("cpu", "cuda") else "cpu"
 
     def close(self) -> None:
         self._handles.close()
@@ -173,8 +181,8 @@ def _read_fused(reader, block_prefix, shape, expert_ids, dtype):
 def _read_per_expert(reader, family, block_prefix, shape, expert_ids, dtype):
     hidden, inter = shape.hidden_size, shape.intermediate_size
     widths = shape.expert_widths
-    w_gate_up_EHJ = torch.zeros(len(expert_ids), hidden, 2 * inter, dtype=dtype)
-    w_down_EIH = torch.zeros(len(expert_ids), inter, hidden, dtype=dtype)
+    w_gate_up_EHJ = torch.zeros(len(expert_ids), hidden, 2 * inter, dtype=dtype, device=reader.device)
+    w_down_EIH = torch.zeros(len(expert_ids), inter, hidden, dtype=dtype, device=reader.device)
     for local, e in enumerate(expert_ids):
         width = widths[e]
         gate, up, down = (f"{block_prefix}.{key.format(e=e)}" for key in family.expert_keys)

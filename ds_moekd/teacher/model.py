@@ -53,8 +53,11 @@ class MoETeacher(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32
+        cls, path: str, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ) -> MoETeacher:
+        """This rank's part of the teacher at `path`: the replicated weights and its EP rank's
+        experts, each read from the checkpoint straight onto `device` in `dtype`."""
         groups = ParallelGroups.single() if groups is None else groups
         family, config, fp8_block = _read_config(path)
         shape = family.expert_shape(config, 0)
@@ -74,13 +77,13 @@ class MoETeacher(nn.Module):
                 if family.make_config is not None
                 else AutoModelForCausalLM.from_config(config, dtype=dtype)
             )
-        with CheckpointReader(path, fp8_block=fp8_block) as reader:
+        with CheckpointReader(path, fp8_block=fp8_block, device=device) as reader:
             moe_blocks, expert_bytes_read = _install_ep_blocks(
                 model, reader, family, router, expert_ids, groups, dtype
             )
             _load_replicated_weights(model, reader, dtype)
             bytes_read = reader.bytes_read
-        _rebuild_meta_buffers(model)
+        _rebuild_meta_buffers(model, torch.device(device))
         model.eval().requires_grad_(False)
         logger.info(
             "teacher %s: %d MoE layers, experts %d..%d of %d on EP rank %d/%d, read %.1f MB (%.1f MB experts)",
@@ -406,7 +409,7 @@ def _set_parameter(model: nn.Module, name: str, param: nn.Parameter) -> None:
     setattr(model.get_submodule(module_name), attr, param)
 
 
-def _rebuild_meta_buffers(model: PreTrainedModel) -> None:
+def _rebuild_meta_buffers(model: PreTrainedModel, device: torch.device) -> None:
     """Recreate modules whose buffers were left on meta (rotary embeddings compute `inv_freq` at init)."""
     for name, module in list(model.named_modules()):
         meta_buffers = [b for b, t in module.named_buffers(recurse=False) if t.device.type == "meta"]
@@ -418,4 +421,5 @@ def _rebuild_meta_buffers(model: PreTrainedModel) -> None:
                 "materialised; teach ds_moekd/teacher/model.py::_rebuild_meta_buffers how to rebuild it"
             )
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, type(module)(config=module.config))
+        with torch.device(device):  # rotary tables are small: computed where they are used
+            setattr(model.get_submodule(parent_name), attr, type(module)(config=module.config))

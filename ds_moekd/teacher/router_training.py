@@ -38,7 +38,7 @@ class RouterTrainer:
 
     def step(self) -> float:
         """Apply the accumulated router gradients (summed over ranks); returns the global gradient norm."""
-        grads = [p.grad.float().flatten() if p.grad is not None else torch.zeros(p.numel())
+        grads = [p.grad.float().flatten() if p.grad is not None else torch.zeros(p.numel(), device=p.device)
                  for p in self.params.values()]
         flat = all_reduce_sum(torch.cat(grads), self.dp_group)
         for master, grad in zip(self.masters.values(), flat.split([g.numel() for g in grads]), strict=True):

@@ -121,20 +121,36 @@ def test_a_stopped_rank_makes_the_other_exit_naming_its_rank_and_phase(tiny_demo
     assert "(rank 0): error: no progress for" in log and "in phase '" in log and "train.watchdog_s" in log
 
 
-def test_without_the_watchdog_the_collective_timeout_ends_a_stalled_job(tiny_demo, tmp_path):
-    run = tmp_path / "out" / "rel"
-    procs = start_ranks(tiny_overrides(tiny_demo, tmp_path / "out", steps=100000,
-                                       **{"train.watchdog_s": 0, "train.collective_timeout_s": 8}), log_dir=tmp_path)
-    wait_for_step(run / "metrics.jsonl", 3, procs)
-    procs[1].send_signal(signal.SIGSTOP)
+STALL_PROBE = """
+import sys, time, torch, torch.distributed as dist
+from ds_moekd.dist import init_distributed, set_collective_timeout
+from ds_moekd.errors import run_command
+
+def main(argv):
+    set_collective_timeout(3)  # what train() does with train.collective_timeout_s
+    info = init_distributed()
+    if info.rank == 1:
+        time.sleep(120)  # never joins the all-reduce: a stalled rank
+    dist.all_reduce(torch.ones(1))
+
+run_command(main, [], "probe")
+"""
+
+
+def test_the_collective_timeout_reaches_the_process_group_and_names_a_hang(tmp_path):
+    # The watchdog (above) is the guard that fires wherever a rank is stuck; this checks the
+    # backstop: train.collective_timeout_s reaches gloo, and a timed-out collective is a hang (exit 4).
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", STALL_PROBE], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                              env=run_env({"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
+                                           "MASTER_PORT": str(port)}))
+             for r in range(2)]
     try:
-        code = procs[0].wait(timeout=120)
+        _, err = procs[0].communicate(timeout=90)
     finally:
-        procs[1].send_signal(signal.SIGKILL)
         stop(procs)
-    log = (tmp_path / "rank0.log").read_text()
-    assert code == EXIT_HANG, log
-    assert "(rank 0): error: a collective timed out (train.collective_timeout_s)" in log
+    assert procs[0].returncode == EXIT_HANG, err
+    assert "probe (rank 0): error: a collective timed out (train.collective_timeout_s)" in err
 
 
 # -- numerics ---------------------------------------------------------------------------------

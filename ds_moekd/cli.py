@@ -1,4 +1,4 @@
-"""`ds-moekd` command line: train, demo build, eval, report, bench, convert.
+"""`ds-moekd` command line: train, demo build, eval, report, compare, bench, convert.
 
 Every command runs under one top-level handler (ds_moekd/errors.py): a failure prints a short
 message and exits non-zero; `--debug` (anywhere) or DS_MOEKD_DEBUG=1 adds the traceback.
@@ -25,6 +25,8 @@ def _main(argv: list[str]) -> None:
     demo_sub.add_parser("build", help="build the demo dataset, tokenizer, teacher and student", add_help=False)
     sub.add_parser("eval", help="score a model on instruction data (ROUGE-L, exact match)", add_help=False)
     sub.add_parser("report", help="compare runs and evaluation results: report.md + plots", add_help=False)
+    sub.add_parser("compare", help="train every method on several seeds and report them side by side",
+                   add_help=False)
     sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka (no DeepSpeed needed)", add_help=False)
     sub.add_parser("convert", help="rewrite a model folder's pickle (.bin) weights as safetensors", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -48,6 +50,10 @@ def _main(argv: list[str]) -> None:
         from ds_moekd.compare import main as report_main
 
         report_main(rest)
+    elif args.command == "compare":
+        from ds_moekd.comparison.cli import main as compare_main
+
+        compare_main(rest)
     elif args.command == "bench":
         from ds_moekd.bench.cli import main as bench_main
 

@@ -16,15 +16,18 @@ def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 2)
 
 
-def score_model(model, tokenizer, records: list[dict], *, max_new_tokens: int, batch_size: int = 64) -> dict:
-    """Greedy strict exact match (primary) and ROUGE-L, overall and per family."""
-    prompts = [alpaca_prompt(r["instruction"], r["input"]) for r in records]
+def score_model(model, tokenizer, records: list[dict], *, max_new_tokens: int, batch_size: int = 64,
+                routing=None) -> dict:
+    """Greedy strict exact match (primary) and ROUGE-L, overall and per family (records without a
+    `family` count as "all"); `routing` for a `MoETeacher`."""
+    prompts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records]
     predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size)
+                                     batch_size=batch_size, routing=routing)
     by_family: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"exact_match": [], "rouge_l": []})
     for record, prediction in zip(records, predictions):
-        by_family[record["family"]]["exact_match"].append(exact_match(prediction, record["output"], strict=True))
-        by_family[record["family"]]["rouge_l"].append(rouge_l(prediction, record["output"]))
+        family = by_family[record.get("family", "all")]
+        family["exact_match"].append(exact_match(prediction, record["output"], strict=True))
+        family["rouge_l"].append(rouge_l(prediction, record["output"]))
     every = {metric: [v for scores in by_family.values() for v in scores[metric]]
              for metric in ("exact_match", "rouge_l")}
     return {

@@ -12,8 +12,9 @@ from ds_moekd.eval.decode import Decoding, decode_shard
 
 
 def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
-                       do_sample: bool = False, seed: int | None = None) -> list[str]:
-    """The decoded continuation of each prompt (sampling needs a seed, so it can be repeated)."""
+                       do_sample: bool = False, seed: int | None = None, routing=None) -> list[str]:
+    """The decoded continuation of each prompt (sampling needs a seed, so it can be repeated);
+    `routing`: a teacher routing policy (ds_moekd/routing.py) for a `MoETeacher`."""
     if do_sample and seed is None:
         raise ValueError("do_sample=True needs a seed, so that sampled evaluations can be repeated")
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
@@ -21,6 +22,6 @@ def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: 
     was_training = model.training
     model.eval()
     try:
-        return decode_shard(model, tokenizer, encoded, list(range(len(prompts))), decoding)
+        return decode_shard(model, tokenizer, encoded, list(range(len(prompts))), decoding, routing=routing)
     finally:
         model.train(was_training)

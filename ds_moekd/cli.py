@@ -1,13 +1,22 @@
-"""`ds-moekd` command line: train, demo build, eval, report, compare, bench."""
+"""`ds-moekd` command line: train, demo build, eval, report, compare, bench, convert.
+
+Every command runs under one top-level handler (ds_moekd/errors.py): a failure prints a short
+message and exits non-zero; `--debug` (anywhere) or DS_MOEKD_DEBUG=1 adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ds_moekd.errors import run_command
+
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    run_command(_main, sys.argv[1:] if argv is None else list(argv), "ds-moekd")
+
+
+def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ds-moekd", description="Distil Mixture-of-Experts teachers.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a student (also runs under deepspeed/torchrun)", add_help=False)
@@ -19,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("compare", help="train every method on several seeds and report them side by side",
                    add_help=False)
     sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka (no DeepSpeed needed)", add_help=False)
+    sub.add_parser("convert", help="rewrite a model folder's pickle (.bin) weights as safetensors", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         from ds_moekd.train import main as train_main
@@ -48,6 +58,10 @@ def main(argv: list[str] | None = None) -> None:
         from ds_moekd.bench.cli import main as bench_main
 
         bench_main(rest)
+    elif args.command == "convert":
+        from ds_moekd.convert import main as convert_main
+
+        convert_main(rest)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -74,6 +75,7 @@ class StudentConfig:
     deepspeed_config: str = "auto"
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    allow_pickle_weights: bool = False  # load pytorch_model.bin (pickle) weights; safetensors only otherwise
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,9 +178,18 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     log_every: int = 1
     save_every: int = 0  # 0 = only at the end
-    resume: bool = False  # continue from <run_dir>/checkpoints/latest when there is one
+    resume: bool = False  # continue from the newest verified checkpoint in <run_dir>/checkpoints
     seed: int = 1234
     dist_backend: str = "auto"  # auto: nccl between GPUs, gloo between CPU processes
+    # Reliability (docs/reliability.md)
+    overwrite: bool = False  # replace a run already in <run_dir> (otherwise refused unless resuming)
+    allow_config_change: bool = False  # resume although seed, batch sizes, lr, method or models changed
+    keep_checkpoints: int = 3  # newest verified checkpoints kept (0 = all)
+    nonfinite: str = "skip"  # non-finite loss/gradient norm: skip the update (counted) or stop
+    max_skipped_steps: int = 10  # skip: stop once more steps than this were skipped
+    spike_factor: float = 3.0  # log a loss above this factor x the running mean (0 = off)
+    watchdog_s: float = 300.0  # exit when a rank makes no progress for this long (0 = off)
+    collective_timeout_s: float = 600.0  # torch.distributed timeout of every collective
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -266,6 +277,12 @@ def _validate(cfg: RunConfig) -> None:
         ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "at least 1"),
         ("train.log_every", cfg.train.log_every >= 1, "at least 1"),
         ("train.save_every", cfg.train.save_every >= 0, "0 or more"),
+        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 0, "0 (keep all) or more"),
+        ("train.nonfinite", cfg.train.nonfinite in ("skip", "stop"), "skip or stop"),
+        ("train.max_skipped_steps", cfg.train.max_skipped_steps >= 0, "0 or more"),
+        ("train.spike_factor", cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "0 (off) or above 1"),
+        ("train.watchdog_s", cfg.train.watchdog_s >= 0, "0 (off) or more seconds"),
+        ("train.collective_timeout_s", cfg.train.collective_timeout_s > 0, "positive seconds"),
         ("report.eval_examples", cfg.report.eval_examples >= 0, "0 or more"),
         ("report.eval_file", not (cfg.validation.every and cfg.validation.keep_best and cfg.report.eval_file
                                   and cfg.report.eval_file == (cfg.validation.file or cfg.data.valid_file)),
@@ -407,8 +424,10 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _validate(cfg)
     except ConfigError as exc:
         msg = str(exc)
-        field_path = msg.split("config field ", 1)[-1].split("=", 1)[0].split(" ", 1)[0].strip("'")
-        if field_path in overridden:
+        match = re.search(r"config field '?([\w.]+)", msg)
+        field_path = match.group(1) if match else ""
+        # an override is blamed for its own field, and for an unknown section it introduced
+        if any(o == field_path or o.startswith(field_path + ".") for o in overridden):
             raise ConfigError(f"{msg} (from a command-line override)") from None
         line = _line_of(text, field_path)
         raise ConfigError(f"{path}:{line}: {msg}" if line else f"{path}: {msg}") from None

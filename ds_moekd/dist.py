@@ -10,8 +10,10 @@ own batch), so the student's ZeRO-3 partitioning and the teacher's EP groups bot
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +61,28 @@ def export_rank_env(info: RankInfo) -> None:
     os.environ["WORLD_SIZE"] = str(info.world_size)
     os.environ["LOCAL_RANK"] = str(info.local_rank)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("MASTER_PORT", str(default_master_port(info)))
+
+
+def default_master_port(info: RankInfo) -> int:
+    """A single process takes any free loopback port (a fixed one collides with other jobs); ranks
+    of a bigger job must agree without talking, so they fall back to 29500 (the launch scripts
+    pick a free port and set MASTER_PORT; a port in use is reported by name, ds_moekd/errors.py)."""
+    if info.world_size > 1:
+        return 29500
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_collective_timeout_s = 600.0  # train.collective_timeout_s; DeepSpeed's own default is 30 minutes
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Timeout of every collective of the process group created next (a stalled peer then fails the
+    others instead of blocking them); call before init_distributed."""
+    global _collective_timeout_s
+    _collective_timeout_s = seconds
 
 
 def init_distributed(backend: str = "auto") -> RankInfo:
@@ -81,7 +104,8 @@ def init_distributed(backend: str = "auto") -> RankInfo:
     if not deepspeed.comm.is_initialized():
         # deepspeed's own MPI discovery would overwrite MASTER_ADDR with the host's address;
         # the environment is already complete, so it is not needed.
-        deepspeed.init_distributed(dist_backend=collective_backend(backend, device), auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=collective_backend(backend, device), auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=_collective_timeout_s))
     return info
 
 
@@ -153,3 +177,14 @@ def all_reduce_sum(tensor: torch.Tensor, group: dist.ProcessGroup | None) -> tor
     if group is not None and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def any_rank(value: bool, group: dist.ProcessGroup | None) -> bool:
+    """True on every rank when `value` is True on any rank of `group` (one all-reduce MAX): how
+    ranks agree on stopping, skipping or failing together (docs/reliability.md)."""
+    if group is None or not dist.is_initialized():
+        return value
+    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    flag = torch.tensor([int(value)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ds_moekd import watchdog
+
 log = logging.getLogger("ds_moekd")
 
 
@@ -55,6 +57,10 @@ def peak_memory_mb() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
+_PHASE_NAMES = {"teacher_s": "teacher forward", "student_s": "student forward/backward/step",
+                "rollout_s": "rollout", "router_s": "router step", "teacher_generate_s": "teacher generation"}
+
+
 class Stopwatch:
     """Accumulates wall time of named phases within one step."""
 
@@ -66,6 +72,7 @@ class Stopwatch:
 
         class _Span:
             def __enter__(self):
+                watchdog.phase(_PHASE_NAMES.get(name, name))  # what a stalled rank is named as doing
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
@@ -96,10 +103,27 @@ class MetricsWriter:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The JSON lines of `path`; a half-written last line (a crash mid-write) is dropped with a warning."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}:{i + 1}: not valid JSON (only a half-written last line is skipped)") from None
+            log.warning("%s:%d: dropping a half-written last line", path, i + 1)
+    return records
 
 
 FINAL_LOSS = "final loss (mean over the last tenth of logged steps)"

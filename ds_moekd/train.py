@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
 
 import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from ds_moekd import kernels
+from ds_moekd import checkpoints, kernels, watchdog
 from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
 from ds_moekd.data.batching import Batch, micro_batches_per_epoch, rank_batches, tokenize_records
@@ -28,12 +29,17 @@ from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
 from ds_moekd.device import rank_device, resolve_precision, teacher_dtype
-from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
+from ds_moekd.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
+from ds_moekd.errors import Preempted, run_command
 from ds_moekd.eval.validation import Validator
 from ds_moekd.host import configure_process
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
+from ds_moekd.model_checks import check_model_files, check_teacher_vocabulary
 from ds_moekd.models import resolve_model
+from ds_moekd.numerics import NumericsGuard, check_finite_parameters, step_outcome
+from ds_moekd.preemption import StopSignal
+from ds_moekd.run_folder import check_run_folder, clear_previous_run
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.student.schedule import total_steps
@@ -128,23 +134,24 @@ def step_record(step, engine, groups, shares, watch, step_time) -> dict:
     }
 
 
-def save_checkpoint(engine, method, ckpt_dir, step: int) -> None:
-    # DeepSpeed writes the tag folder first and `latest` last: a crash mid-save leaves `latest`
-    # on the previous complete checkpoint. The method's own state (SAR's routers) rides along.
-    engine.save_checkpoint(str(ckpt_dir), tag=f"step{step}", client_state={"step": step, "method": method.state_dict()})
+def save_checkpoint(engine, method, ckpt_dir, step: int, guard: NumericsGuard, groups: ParallelGroups,
+                    cfg: RunConfig) -> None:
+    """Commit `ckpt_dir/step{step}` (ds_moekd/checkpoints.py), never with non-finite weights. The
+    method's own state (SAR's routers) and the skipped-step count ride along."""
+    watchdog.phase("checkpoint")
+    check_finite_parameters(engine, groups.world_group, f"checkpoint step{step}")
+    state = {"step": step, "method": method.state_dict(), "skipped_steps": guard.skipped}
+    checkpoints.save(engine, ckpt_dir, step, state, groups, cfg)
 
 
-def resume_from_checkpoint(engine, method, ckpt_dir) -> int:
-    """Load `ckpt_dir/latest` into the engine (weights, optimizer, scheduler) and the method; return its step."""
-    if not (ckpt_dir / "latest").is_file():
-        log.info("train.resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
-        return 0
-    path, client_state = engine.load_checkpoint(str(ckpt_dir))
-    if path is None:
-        raise RuntimeError(f"train.resume: DeepSpeed could not load the checkpoint in {ckpt_dir}")
-    method.load_state_dict(client_state.get("method", {}))
-    log.info("resumed from %s at step %d", path, client_state["step"])
-    return int(client_state["step"])
+def resume_from_checkpoint(engine, method, ckpt_dir, groups: ParallelGroups, cfg: RunConfig) -> dict:
+    """Load the newest verified checkpoint into the engine (weights, optimizer, scheduler) and the
+    method; return its client state ({"step": 0} when there is none)."""
+    state = checkpoints.resume(engine, ckpt_dir, groups, cfg)
+    if state is None:
+        return {"step": 0}
+    method.load_state_dict(state.get("method", {}))
+    return state
 
 
 def load_teacher(cfg: RunConfig, groups: ParallelGroups, device: torch.device, precision: str):
@@ -198,9 +205,62 @@ def with_run_length(cfg: RunConfig, rows: int, groups: ParallelGroups) -> RunCon
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
 
 
+def train_loop(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGroups, vocab: int, validator,
+               state: dict) -> None:
+    """Steps state["step"] + 1 .. train.steps, then the final checkpoint. All ranks stop together:
+    after a stop signal (Preempted, once the step's checkpoint is committed), on non-finite numerics
+    (NumericsError, nothing written), or through the watchdog on a stalled rank (docs/reliability.md)."""
+    start_step, gas, ckpt_dir = state["step"], cfg.train.gradient_accumulation_steps, cfg.run_dir / "checkpoints"
+    guard = NumericsGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, cfg.train.spike_factor,
+                          skipped=state.get("skipped_steps", 0))
+    metrics = MetricsWriter(cfg.run_dir / "metrics.jsonl", enabled=groups.rank == 0, keep_steps_upto=start_step)
+    progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
+                    disable=groups.rank != 0, desc=cfg.method, dynamic_ncols=True)
+    saved = start_step
+    with StopSignal() as stop, watchdog.Watchdog(cfg.train.watchdog_s, groups.rank) as dog, metrics:
+        for step in progress:
+            step_start, watch = time.perf_counter(), Stopwatch()
+            micro_batches = [next(batches) for _ in range(gas)]
+            shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
+            record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
+            guard.check(step + 1, record["loss"], *step_outcome(engine))  # the same verdict on every rank
+            record["skipped_steps"] = guard.skipped
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                metrics.write(record)
+            progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            stopping = stop.agreed(groups.world_group)  # every rank stops after the same step
+            periodic = cfg.train.save_every and (step + 1) % cfg.train.save_every == 0
+            # a skipped step's checkpoint would only push an older one out of train.keep_checkpoints
+            if stopping or (periodic and not guard.last_skipped):
+                save_checkpoint(engine, method, ckpt_dir, step + 1, guard, groups, cfg)
+                saved = step + 1
+            if stopping:
+                raise Preempted(f"stopped by {stop.name} after step {step + 1}; checkpoint {ckpt_dir}/step{step + 1} "
+                                "is committed: resume with train.resume=true")
+            if validator is not None and validator.due(step + 1):
+                dog.progress(step + 1, "validation")
+                validator.run(engine, step + 1)
+            dog.progress(step + 1, "step")
+        if saved != cfg.train.steps:
+            with phase("DeepSpeed checkpoint"):
+                save_checkpoint(engine, method, ckpt_dir, cfg.train.steps, guard, groups, cfg)
+        dog.progress(cfg.train.steps, "export")
+        check_finite_parameters(engine, groups.world_group, "the exported student")  # a bad export never replaces
+
+
+def check_models(cfg: RunConfig, student_path, tokenizer) -> None:
+    """Refuse pickle, truncated or mismatched model folders before anything loads their weights."""
+    check_model_files(student_path, "student.path", allow_pickle=cfg.student.allow_pickle_weights)
+    if cfg.method != "sft":
+        check_model_files(resolve_model(cfg.teacher.path), "teacher.path")
+        check_teacher_vocabulary(resolve_model(cfg.teacher.path), tokenizer)
+
+
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
     check_paths_exist(cfg)
+    check_run_folder(cfg)  # on every rank, before any rank writes (init_distributed below waits for all)
+    set_collective_timeout(cfg.train.collective_timeout_s)
     threads = configure_process()
     with phase("distributed start"):
         info = init_distributed(cfg.train.dist_backend)
@@ -219,9 +279,11 @@ def train(cfg: RunConfig) -> dict:
     student_path = resolve_model(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
+    check_models(cfg, student_path, tokenizer)
     dataset, batches, rows = training_data(cfg, tokenizer, groups, device)
     cfg = with_run_length(cfg, rows, groups)
     if is_main:
+        clear_previous_run(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg, tokenizer)
@@ -231,32 +293,12 @@ def train(cfg: RunConfig) -> dict:
                                  "minute each, cached in TORCH_EXTENSIONS_DIR"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab),
                                       precision=precision, device=device)
-    ckpt_dir = run_dir / "checkpoints"
-    start_step = resume_from_checkpoint(engine, method, ckpt_dir) if cfg.train.resume else 0
-    gas = cfg.train.gradient_accumulation_steps
-    for _ in range(start_step * gas):  # the data stream continues exactly where the checkpoint left it
-        next(batches)
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", enabled=is_main, keep_steps_upto=start_step)
-    validator = Validator.create(cfg, tokenizer, groups, start_step)  # None unless validation.every > 0
-    steps = range(start_step, cfg.train.steps)
-    progress = tqdm(steps, initial=start_step, total=cfg.train.steps, disable=not is_main, desc=cfg.method,
-                    dynamic_ncols=True)
-    for step in progress:
-        step_start, watch = time.perf_counter(), Stopwatch()
-        micro_batches = [next(batches) for _ in range(gas)]
-        shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
-        record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
-        if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
-            metrics.write(record)
-        progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
-            save_checkpoint(engine, method, ckpt_dir, step + 1)
-        if validator is not None and validator.due(step + 1):
-            validator.run(engine, step + 1)
-    metrics.close()
-    with phase("DeepSpeed checkpoint"):
-        if not (cfg.train.save_every and cfg.train.steps % cfg.train.save_every == 0):
-            save_checkpoint(engine, method, ckpt_dir, cfg.train.steps)
+    state = resume_from_checkpoint(engine, method, run_dir / "checkpoints", groups, cfg) if cfg.train.resume \
+        else {"step": 0}
+    for _ in range(state["step"] * cfg.train.gradient_accumulation_steps):  # the data stream continues
+        next(batches)  # exactly where the checkpoint left it
+    validator = Validator.create(cfg, tokenizer, groups, state["step"])  # None unless validation.every > 0
+    train_loop(cfg, engine, teacher, method, batches, groups, vocab, validator, state)
     method.finish(StepContext(engine, teacher, groups, vocab, cfg.train.steps, Stopwatch()), run_dir)
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 
@@ -270,6 +312,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    """`python -m ds_moekd.train` and `ds-moekd train`: errors become a short message and an exit
+    code (ds_moekd/errors.py); --debug or DS_MOEKD_DEBUG=1 adds the traceback."""
+    run_command(_main, sys.argv[1:] if argv is None else list(argv), "ds-moekd train")
+
+
+def _main(argv) -> None:
     args = parse_args(argv)
     try:
         train(load_config(args.config, args.overrides))

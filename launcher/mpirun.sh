@@ -10,6 +10,9 @@ repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 bin="$(bash launcher/setup.sh mpi)"
 source launcher/env.sh
+source launcher/signals.sh
+# One host: any free port (a fixed one collides with other jobs). Across hosts set MASTER_PORT.
+if [ "$MASTER_ADDR" = "127.0.0.1" ]; then export MASTER_PORT="${MASTER_PORT:-$(free_port "$bin/python")}"; fi
 export MASTER_PORT="${MASTER_PORT:-29500}"
 # MPICH's mpirun forwards the environment by default; Open MPI needs -x for each variable.
 if "$bin/mpirun" --version 2>/dev/null | grep -qi "open mpi"; then
@@ -17,5 +20,6 @@ if "$bin/mpirun" --version 2>/dev/null | grep -qi "open mpi"; then
 else
   fwd=()
 fi
-exec "$bin/mpirun" -np "$nprocs" "${fwd[@]}" ${MPIRUN_ARGS:-} \
+# SIGTERM/Ctrl-C: this host's ranks checkpoint and exit with 75 (launcher/signals.sh).
+run_ranks "$bin/mpirun" -np "$nprocs" "${fwd[@]}" ${MPIRUN_ARGS:-} \
   "$bin/python" -m ds_moekd.train --config "$config" "$@"

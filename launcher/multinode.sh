@@ -11,5 +11,8 @@ bin="$(bash launcher/setup.sh)"
 export MASTER_ADDR="${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$hostfile")}"
 source launcher/env.sh
 export PATH="$bin:$PATH"
+# A SIGTERM to this script reaches the runner, which stops every node's launcher; those give the
+# ranks DeepSpeed's fixed 30 s to checkpoint before killing them (docs/reliability.md). Under a
+# scheduler that signals every node's processes (SLURM), the ranks get the signal directly.
 exec deepspeed --hostfile "$hostfile" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
   --module ds_moekd.train --config "$config" "$@"

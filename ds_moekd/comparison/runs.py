@@ -35,7 +35,9 @@ def launch_command(spec: RunSpec, config: Path, runs_dir: Path, world_size: int,
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         "--module", "ds_moekd.train", "--config", str(config),
-        f"name={spec.name}", f"output_dir={runs_dir}", f"train.seed={spec.seed}", *overrides,
+        # train.resume: a run folder left by an interrupted comparison continues from its newest
+        # verified checkpoint (a folder holding a run is refused otherwise, docs/reliability.md)
+        f"name={spec.name}", f"output_dir={runs_dir}", f"train.seed={spec.seed}", "train.resume=true", *overrides,
     ]
 
 

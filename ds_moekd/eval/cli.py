@@ -26,8 +26,10 @@ from ds_moekd.atomic import write_text
 from ds_moekd.data.formats import FORMATS, load_eval_data
 from ds_moekd.device import bind_device
 from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
+from ds_moekd.errors import UserError
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
+from ds_moekd.model_checks import check_model_files
 from ds_moekd.models import resolve_model
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
 from ds_moekd.teacher import MoETeacher
@@ -111,7 +113,13 @@ def main(argv=None) -> dict:
     settings = load_settings(args.config, template=args.template, seeds=args.seeds, greedy=args.greedy,
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
-    model_dir = resolve_model(args.model)
+    try:  # a folder, or a Hugging Face id already in the local cache: never a hub lookup
+        model_dir = resolve_model(args.model)
+    except FileNotFoundError as exc:
+        raise UserError(f"--model {args.model}: no such model folder; {exc}") from None
+    if not model_dir.is_dir():
+        raise UserError(f"--model {args.model}: no such model folder")
+    check_model_files(model_dir, "--model")  # safetensors only, no truncated shards
     data_source = str(resolve_path(args.data))
     moe = is_moe_checkpoint(model_dir)
     info = discover_ranks()

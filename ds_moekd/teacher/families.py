@@ -132,6 +132,18 @@ def _llama_moe_config(raw: dict) -> PretrainedConfig:
         )
     if raw.get("gate_network", "mlp") != "mlp":
         raise ValueError(f"llama_moe config.json: gate_network={raw['gate_network']!r}; supported: 'mlp'")
+    # Features of LLaMA-MoE's code that the teacher does not implement: refused rather than loaded
+    # with silently different logits (docs/reliability.md).
+    unsupported = [
+        ("score_scale_factor", isinstance(raw.get("score_scale_factor"), list), "a per-layer list"),
+        ("multiply_gate_scores", raw.get("multiply_gate_scores", True) is False,
+         "false (expert outputs not weighted by their gate scores)"),
+        ("add_weight_norm", bool(raw.get("add_weight_norm", False)), "true (a weight norm on the gate outputs)"),
+    ]
+    for key, present, what in unsupported:
+        if present:
+            raise ValueError(f"llama_moe config.json: {key}={raw[key]!r} ({what}) is not supported by the MoE "
+                             "teacher; supported: one number, multiply_gate_scores=true, add_weight_norm=false")
     return LlamaConfig(**{k: v for k, v in raw.items() if k not in _LLAMA_MOE_ONLY})
 
 

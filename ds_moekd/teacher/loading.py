@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import os
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from typing_extensions import Self
 
+from ds_moekd.model_checks import check_safetensors_file
 from ds_moekd.teacher.families import ExpertShape, Family
 
 SINGLE_FILE = "model.safetensors"
@@ -37,11 +39,12 @@ def tensor_files(path: str) -> dict[str, str]:
         with open(index_path) as f:
             return dict(json.load(f)["weight_map"])
     if os.path.exists(single_path):
+        check_safetensors_file(Path(single_path))
         with safe_open(single_path, framework="pt") as f:
             return dict.fromkeys(f.keys(), SINGLE_FILE)
     raise FileNotFoundError(
         f"{path}: no {SINGLE_FILE} or {INDEX_FILE}; the teacher reads safetensors checkpoints "
-        "(convert .bin checkpoints with transformers' save_pretrained(safe_serialization=True))"
+        "(convert a .bin checkpoint with `ds-moekd convert SRC DST`)"
     )
 
 
@@ -55,6 +58,8 @@ class CheckpointReader:
         self.device = torch.device(device)
         self.fp8_block = fp8_block  # quantization_config.weight_block_size
         self._file_of = {name: os.path.join(path, file) for name, file in tensor_files(path).items()}
+        for file in sorted(set(self._file_of.values())):  # missing or truncated shards: a clear error now
+            check_safetensors_file(Path(file))
         self._handles = ExitStack()
         self._open: dict[str, object] = {}
         self.bytes_read = 0

@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> None:
     demo_sub.add_parser("build", help="build the demo dataset, tokenizer, teacher and student", add_help=False)
     sub.add_parser("eval", help="score a model on instruction data (ROUGE-L, exact match)", add_help=False)
     sub.add_parser("report", help="compare runs and evaluation results: report.md + plots", add_help=False)
+    sub.add_parser("plan", help="per-GPU memory and FLOPs of a run, from config files only", add_help=False)
     sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka (no DeepSpeed needed)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
         from ds_moekd.compare import main as report_main
 
         report_main(rest)
+    elif args.command == "plan":
+        from ds_moekd.plan import main as plan_main
+
+        plan_main(rest)
     elif args.command == "bench":
         from ds_moekd.bench.cli import main as bench_main
 

@@ -113,6 +113,8 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
         inter = teacher.params_per_expert // (3 * teacher.hidden)
         parts["teacher replicated weights"] = teacher.replicated_params * tb
         parts["teacher expert shard"] = teacher.expert_params / layout.ep_size * tb
+        if layout.device == "cpu":  # the device is the host: the read checkpoint pages count too
+            parts[LOAD_PART] = parts["teacher replicated weights"] + parts["teacher expert shard"]
         one_draw = tokens * (8 * teacher.hidden + 3 * k * inter) * tb + resp_tokens * teacher.hidden * tb
         parts["teacher activations (one layer at a time)"] = one_draw
         if M > 1:
@@ -130,8 +132,18 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
     return parts
 
 
+# Parts alive only while the teacher loads, and only while a step runs: the peak is the larger.
+LOAD_PART = "teacher checkpoint pages while loading (CPU only)"
+STEP_PARTS = ("student activations", "fused-head loss buffers", "full logits + loss buffers", "teacher activations",
+              "KA's", "rollout")
+
+
 def device_total(parts: dict) -> float:
-    return sum(v for k, v in parts.items() if not k.startswith("host:") and "not in total" not in k)
+    """Peak bytes on the device: what stays resident plus the larger of the load and step transients."""
+    counted = {k: v for k, v in parts.items() if not k.startswith("host:") and "not in total" not in k}
+    step = sum(v for k, v in counted.items() if k.startswith(STEP_PARTS))
+    load = counted.get(LOAD_PART, 0.0)
+    return sum(counted.values()) - step - load + max(step, load)
 
 
 def flops_per_token(cfg: RunConfig, teacher: TeacherShape | None, student: StudentShape) -> dict:
@@ -198,7 +210,8 @@ def render(result: dict) -> str:
              + (", params offloaded" if lay["offload_params"] else ""), "", "memory per rank:"]
     for part, value in result["memory_bytes"].items():
         lines.append(f"  {part:<52} {value / GIB:10.3f} GiB")
-    lines.append(f"  {'total on the device':<52} {result['device_total_bytes'] / GIB:10.3f} GiB")
+    lines.append(f"  {'peak on the device (load and step transients apart)':<52} "
+                 f"{result['device_total_bytes'] / GIB:10.3f} GiB")
     if "fits" in result:
         verdict = "fits" if result["fits"] else "does NOT fit"
         lines.append(f"  {verdict} in {result['gpu_memory_bytes'] / GIB:.0f} GiB; smallest EP size that fits: "
@@ -211,8 +224,9 @@ def render(result: dict) -> str:
         lines.append(f"  {name:<52} {value / 1e9:10.3f} GFLOP{ratio}")
     k = result.get("suggested_ka_num_selected")
     if k:
-        lines.append(f"  fine-grained MoE: all-expert routing costs {result['teacher']['num_experts']}/"
-                     f"{result['teacher']['top_k']} of native; suggest KA K-of-N: ka.num_selected={k}")
+        t = result["teacher"]
+        lines.append(f"  fine-grained MoE: all-expert routing runs {t['num_experts'] // t['top_k']}x native's expert "
+                     f"FLOPs; suggest KA's K-of-N draws with ka.num_selected={k}")
     return "\n".join(lines)
 
 

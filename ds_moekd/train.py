@@ -29,6 +29,9 @@ from ds_moekd.dist import ParallelGroups, init_distributed, shutdown
 from ds_moekd.eval.validation import Validator
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
+from ds_moekd.monitoring import monitor_sections
+from ds_moekd.monitoring import write_record as write_monitor_record
+from ds_moekd.reshard import universal_resume_config
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
@@ -205,10 +208,13 @@ def train(cfg: RunConfig) -> dict:
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
+    ckpt_dir = run_dir / "checkpoints"
+    # another world size than the checkpoint's: resume through a universal checkpoint (ds_moekd/reshard.py)
+    resume_config = universal_resume_config(ckpt_dir, groups.world_size) if cfg.train.resume else {}
     with phase("student engine"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab),
-                                      precision=precision, device=device)
-    ckpt_dir = run_dir / "checkpoints"
+                                      precision=precision, device=device,
+                                      extra_config={**resume_config, **monitor_sections(cfg)})
     start_step = resume_from_checkpoint(engine, method, ckpt_dir) if cfg.train.resume else 0
     gas = cfg.train.gradient_accumulation_steps
     for _ in range(start_step * gas):  # the data stream continues exactly where the checkpoint left it
@@ -225,6 +231,7 @@ def train(cfg: RunConfig) -> dict:
         record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
         if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
             metrics.write(record)
+            write_monitor_record(engine, record)  # DeepSpeed's monitors, when the run config enables them
         progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
         if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0:
             save_checkpoint(engine, method, ckpt_dir, step + 1)

@@ -127,7 +127,7 @@ def run_baseline(args, cfg) -> None:
         optimizer.zero_grad(set_to_none=True)
         dist.barrier()
         step_s.append(time.perf_counter() - start)
-        totals = torch.tensor([float(batch.loss_mask.sum()), loss.item() / groups.world_size], dtype=torch.float64)
+        totals = torch.tensor([float(batch.num_tokens), loss.item() / groups.world_size], dtype=torch.float64)
         dist.all_reduce(totals)
         tokens.append(int(totals[0]))
         losses.append(float(totals[1]))

@@ -11,11 +11,11 @@ requirement that neither a carried wheel nor the image provides, and every packa
 from __future__ import annotations
 
 import sys
-import tomllib
 import zipfile
 from collections import Counter
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ds_moekd.config import load_config
-from ds_moekd.plan import GIB, main, plan
+from ds_moekd.plan import main, plan
 from ds_moekd.plan_model import student_shape, teacher_shape
 
 REPO = Path(__file__).resolve().parents[1]

@@ -104,6 +104,20 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+TARGETS = {"demo": 0.9, "random-300mb": 1.0}  # the CPU targets of ours/baseline tokens/s (docs/scale-out.md)
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| size | ours tokens/s | baseline tokens/s | ratio (target) | ours peak MiB/rank | baseline peak MiB/rank "
+            "| memory ratio |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        t, m = r["median_tokens_per_s"], r["median_peak_rss_mib_per_rank"]
+        rows.append(f"| {r['size']} | {t['ours']:.0f} | {t['baseline']:.0f} | {r['tokens_per_s_ratio']:.2f}x "
+                    f"(>= {TARGETS.get(r['size'], 1.0)}x) | {m['ours']:.0f} | {m['baseline']:.0f} | "
+                    f"{r['peak_memory_ratio']:.2f}x |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ds-moekd bench e2e", description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="kd", help="distillation method (kd: the one with a baseline)")
@@ -129,8 +143,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         print(f"{r['size']}: ours/baseline tokens/s {r['tokens_per_s_ratio']:.2f}x, "
               f"peak memory per rank {r['peak_memory_ratio']:.2f}x")
+    print(table(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "work")}
         args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+        args.out.with_suffix(".md").write_text(table(results) + "\n")
         plot(results, args.out.with_suffix(".png"))

@@ -34,6 +34,8 @@ class Layout:
     offload_optimizer: bool
     offload_params: bool
     zero_stage: int
+    persistence_threshold: float = 1e5  # ZeRO-3 keeps tensors up to this size whole on every rank
+    model_persistence_threshold: float = float("inf")  # ... up to this many elements in all
 
 
 def resolve_layout(cfg: RunConfig, world_size: int, device: str, ep_size: int | None = None) -> Layout:
@@ -50,6 +52,8 @@ def resolve_layout(cfg: RunConfig, world_size: int, device: str, ep_size: int | 
         offload_optimizer=zero.get("offload_optimizer", {}).get("device", "none") == "cpu",
         offload_params=zero.get("offload_param", {}).get("device", "none") == "cpu",
         zero_stage=int(zero.get("stage", 0)),
+        persistence_threshold=float(zero.get("stage3_param_persistence_threshold", 1e5)),
+        model_persistence_threshold=float(zero.get("stage3_model_persistence_threshold", float("inf"))),
     )
 
 
@@ -96,6 +100,8 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
     optimizer = P * (12 if mixed else 8) / shard
     parts["student optimizer states (partition)"] = 0 if layout.offload_optimizer else optimizer
     parts["student gathered layers (ZeRO-3 working set)"] = 2 * student.largest_layer_params * sb
+    if layout.zero_stage == 3:
+        parts["student persistent small params (whole on every rank)"] = persistent_elements(student, layout) * sb
     per_layer = 6 * student.hidden + student.kv_width + 4 * student.intermediate  # values kept per token
     parts["student activations"] = tokens * per_layer * student.layers * sb
     parts["student activations, checkpointed (not in total)"] = tokens * student.hidden * student.layers * sb \
@@ -136,6 +142,16 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
 LOAD_PART = "teacher checkpoint pages while loading (CPU only)"
 STEP_PARTS = ("student activations", "fused-head loss buffers", "full logits + loss buffers", "teacher activations",
               "KA's", "rollout")
+
+
+def persistent_elements(student: StudentShape, layout: Layout) -> int:
+    """Elements ZeRO-3 keeps whole on every rank: tensors up to the threshold, in module order,
+    until the model-wide cap (DeepSpeed's mark_persistent_parameters)."""
+    total = 0
+    for numel in student.param_numels:
+        if numel <= layout.persistence_threshold and total + numel <= layout.model_persistence_threshold:
+            total += numel
+    return total
 
 
 def device_total(parts: dict) -> float:

@@ -41,6 +41,7 @@ class StudentShape:
     vocab: int
     embedding_params: int
     largest_layer_params: int
+    param_numels: tuple[int, ...]  # every parameter tensor's size, in module order (ZeRO-3 persistence)
 
 
 def _read_json(path: Path) -> dict:
@@ -125,4 +126,5 @@ def student_shape(path: str | Path) -> StudentShape:
         vocab=config.vocab_size,
         embedding_params=embed,
         largest_layer_params=max([sum(p.numel() for p in layer.parameters()) for layer in layers] + [embed]),
+        param_numels=tuple(p.numel() for p in model.parameters()),
     )

@@ -225,19 +225,21 @@ def render(result: dict) -> str:
              + (", optimizer offloaded" if lay["offload_optimizer"] else "")
              + (", params offloaded" if lay["offload_params"] else ""), "", "memory per rank:"]
     for part, value in result["memory_bytes"].items():
-        lines.append(f"  {part:<52} {value / GIB:10.3f} GiB")
-    lines.append(f"  {'peak on the device (load and step transients apart)':<52} "
+        lines.append(f"  {part:<56} {value / GIB:10.3f} GiB")
+    lines.append(f"  {'peak on the device (load and step transients apart)':<56} "
                  f"{result['device_total_bytes'] / GIB:10.3f} GiB")
     if "fits" in result:
         verdict = "fits" if result["fits"] else "does NOT fit"
-        lines.append(f"  {verdict} in {result['gpu_memory_bytes'] / GIB:.0f} GiB; smallest EP size that fits: "
-                     f"{result['smallest_fitting_ep'] or 'none up to the world size'}")
+        line = f"  {verdict} in {result['gpu_memory_bytes'] / GIB:.0f} GiB"
+        if result["teacher"] is not None:
+            line += f"; smallest EP size that fits: {result['smallest_fitting_ep'] or 'none up to the world size'}"
+        lines.append(line)
     lines += ["", "FLOPs per token (forward; the student forward + backward):"]
     flops = result["flops_per_token"]
     native = next((v for k, v in flops.items() if k.startswith("teacher native")), None)
     for name, value in flops.items():
         ratio = f"  ({value / native:.1f}x native)" if native and name.startswith("teacher") else ""
-        lines.append(f"  {name:<52} {value / 1e9:10.3f} GFLOP{ratio}")
+        lines.append(f"  {name:<56} {value / 1e9:10.3f} GFLOP{ratio}")
     k = result.get("suggested_ka_num_selected")
     if k:
         t = result["teacher"]

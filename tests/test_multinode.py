@@ -111,8 +111,9 @@ def test_slurm_script_renders_srun_with_master_addr_from_the_node_list(tmp_path)
     _fake(fake_bin / "scontrol", '[ "$1 $2 $3" = "show hostnames gpu-[07-08]" ] || exit 3\nprintf "gpu-07\\ngpu-08\\n"\n')
     _fake(fake_bin / "srun", 'echo "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"\necho "ARGS $*"\n')
     env = _env(PATH=f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[07-08]",
-               SLURM_SUBMIT_DIR=str(REPO), MASTER_ADDR="", MASTER_PORT="")
-    env.pop("MASTER_ADDR"), env.pop("MASTER_PORT"), env.pop("GLOO_SOCKET_IFNAME")
+               SLURM_SUBMIT_DIR=str(REPO))
+    for key in ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"):  # the job script must set them itself
+        env.pop(key)
     out = subprocess.run(["bash", str(REPO / "launcher/slurm.sbatch"), "ds_configs/quickstart.yaml", "train.steps=5"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     _check(out, out.stdout + out.stderr, "slurm.sbatch")

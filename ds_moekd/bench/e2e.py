@@ -78,7 +78,8 @@ def bench_size(size: str, args, work: Path) -> dict:
                   f"{max(summary['peak_rss_mib_per_rank']):.0f} MiB/rank", flush=True)
     median = {s: statistics.median(r["tokens_per_s"] for r in runs[s]) for s in runs}
     peak = {s: statistics.median(max(r["peak_rss_mib_per_rank"]) for r in runs[s]) for s in runs}
-    return {"size": size, "teacher": teacher, "runs": runs, "median_tokens_per_s": median,
+    name = teacher if size == "demo" else "random Mixtral, 4 layers, hidden 512, 8 experts of 1408 (fp32)"
+    return {"size": size, "teacher": name, "runs": runs, "median_tokens_per_s": median,
             "median_peak_rss_mib_per_rank": peak, "tokens_per_s_ratio": median["ours"] / median["baseline"],
             "peak_memory_ratio": peak["ours"] / peak["baseline"]}
 
@@ -118,6 +119,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _shown(value):
+    """Settings as recorded: paths inside the checkout relative to it (no machine paths in results)."""
+    if not isinstance(value, Path):
+        return value
+    return str(value.resolve().relative_to(REPO)) if value.resolve().is_relative_to(REPO) else value.name
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ds-moekd bench e2e", description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="kd", help="distillation method (kd: the one with a baseline)")
@@ -146,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     print(table(results))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "work")}
+        settings = {k: _shown(v) for k, v in vars(args).items() if k not in ("out", "work")}
         args.out.with_suffix(".json").write_text(json.dumps({"settings": settings, "results": results}, indent=1))
         args.out.with_suffix(".md").write_text(table(results) + "\n")
         plot(results, args.out.with_suffix(".png"))

@@ -29,8 +29,9 @@ MANIFEST = "manifest.json"
 TAG = re.compile(r"^step(\d+)$")
 # What a resumed run must share with the checkpoint: together they fix the data order, the
 # global batch, the optimisation and the models (changing them silently gives a different run).
-FROZEN_FIELDS = ("method", "data.train_file", "data.micro_batch_size", "train.gradient_accumulation_steps",
-                 "train.seed", "optim.lr", "teacher.path", "student.path")
+# The global batch (micro-batch × ranks × accumulation) is frozen, not its factors: a checkpoint
+# resumes at another world size with the same global batch (ds_moekd/reshard.py, docs/scale-out.md).
+FROZEN_FIELDS = ("method", "data.train_file", "train.seed", "optim.lr", "teacher.path", "student.path")
 
 
 def frozen_settings(cfg: RunConfig, world_size: int) -> dict:
@@ -40,7 +41,7 @@ def frozen_settings(cfg: RunConfig, world_size: int) -> dict:
         for part in path.split("."):
             value = getattr(value, part)
         settings[path] = value
-    settings["world_size"] = world_size
+    settings["global_batch"] = cfg.data.micro_batch_size * world_size * cfg.train.gradient_accumulation_steps
     return settings
 
 
@@ -178,8 +179,9 @@ def check_settings(tag_dir: Path, cfg: RunConfig, world_size: int) -> None:
                     "(another name), or set train.allow_config_change=true to resume anyway")
 
 
-def resume(engine, ckpt_dir: Path, groups: ParallelGroups, cfg: RunConfig) -> dict | None:
-    """Load the newest verified checkpoint into the engine; its client state, or None to start fresh."""
+def resume_point(ckpt_dir: Path, groups: ParallelGroups, cfg: RunConfig) -> Path | None:
+    """The checkpoint a resume continues from: the newest verified one, its frozen settings checked
+    against the run's (all ranks call); None to start fresh."""
     tag_dir = choose(ckpt_dir, groups) if ckpt_dir.is_dir() else None
     if tag_dir is None and ckpt_dir.is_dir() and any(TAG.match(p.name) for p in ckpt_dir.iterdir()):
         raise UserError(f"train.resume: no checkpoint in {ckpt_dir} is complete (see the reasons above); move the "
@@ -188,8 +190,14 @@ def resume(engine, ckpt_dir: Path, groups: ParallelGroups, cfg: RunConfig) -> di
         log.info("train.resume: no checkpoint in %s yet, starting at step 0", ckpt_dir)
         return None
     check_settings(tag_dir, cfg, groups.world_size)
+    return tag_dir
+
+
+def load(engine, tag_dir: Path, universal: bool = False) -> dict:
+    """Load `tag_dir` (its universal conversion when `universal`) into the engine; its client state."""
+    tag = f"{tag_dir.name}_universal" if universal else tag_dir.name
     try:
-        path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag_dir.name)
+        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag)
     except Exception as exc:  # noqa: BLE001 - name the checkpoint
         raise UserError(f"loading checkpoint {tag_dir} failed ({type(exc).__name__}: {exc}); move it aside "
                         "to resume from an older one") from exc

@@ -27,6 +27,7 @@ def _main(argv: list[str]) -> None:
     sub.add_parser("report", help="compare runs and evaluation results: report.md + plots", add_help=False)
     sub.add_parser("compare", help="train every method on several seeds and report them side by side",
                    add_help=False)
+    sub.add_parser("plan", help="per-GPU memory and FLOPs of a run, from config files only", add_help=False)
     sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka (no DeepSpeed needed)", add_help=False)
     sub.add_parser("convert", help="rewrite a model folder's pickle (.bin) weights as safetensors", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -54,6 +55,10 @@ def _main(argv: list[str]) -> None:
         from ds_moekd.comparison.cli import main as compare_main
 
         compare_main(rest)
+    elif args.command == "plan":
+        from ds_moekd.plan import main as plan_main
+
+        plan_main(rest)
     elif args.command == "bench":
         from ds_moekd.bench.cli import main as bench_main
 

@@ -220,6 +220,19 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MonitorConfig:
+    """DeepSpeed's own monitors, written beside metrics.jsonl (ds_moekd/monitoring.py); all off by default."""
+
+    csv: bool = False  # DeepSpeed's csv_monitor: one CSV per metric
+    tensorboard: bool = False  # needs the tensorboard package
+    wandb: bool = False  # needs wandb and a login (or WANDB_MODE=offline)
+    output_path: str | None = None  # CSV and TensorBoard files; default <run_dir>/monitor
+    wandb_project: str = "ds-moekd"
+    wandb_team: str | None = None
+    wandb_group: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str
     method: str = "kd"
@@ -237,6 +250,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     @property
     def run_dir(self) -> Path:

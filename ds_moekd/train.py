@@ -37,8 +37,11 @@ from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
 from ds_moekd.model_checks import check_model_files, check_teacher_vocabulary
 from ds_moekd.models import resolve_model
+from ds_moekd.monitoring import monitor_sections
+from ds_moekd.monitoring import write_record as write_monitor_record
 from ds_moekd.numerics import NumericsGuard, check_finite_parameters, step_outcome
 from ds_moekd.preemption import StopSignal
+from ds_moekd.reshard import universal_resume_config
 from ds_moekd.run_folder import check_run_folder, clear_previous_run
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
@@ -144,12 +147,12 @@ def save_checkpoint(engine, method, ckpt_dir, step: int, guard: NumericsGuard, g
     checkpoints.save(engine, ckpt_dir, step, state, groups, cfg)
 
 
-def resume_from_checkpoint(engine, method, ckpt_dir, groups: ParallelGroups, cfg: RunConfig) -> dict:
-    """Load the newest verified checkpoint into the engine (weights, optimizer, scheduler) and the
-    method; return its client state ({"step": 0} when there is none)."""
-    state = checkpoints.resume(engine, ckpt_dir, groups, cfg)
-    if state is None:
+def resume_from_checkpoint(engine, method, tag_dir, universal: bool = False) -> dict:
+    """Load checkpoint `tag_dir` (None: start at step 0) into the engine (weights, optimizer,
+    scheduler) and the method; return its client state."""
+    if tag_dir is None:
         return {"step": 0}
+    state = checkpoints.load(engine, tag_dir, universal)
     method.load_state_dict(state.get("method", {}))
     return state
 
@@ -227,6 +230,7 @@ def train_loop(cfg: RunConfig, engine, teacher, method, batches, groups: Paralle
             record["skipped_steps"] = guard.skipped
             if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
                 metrics.write(record)
+                write_monitor_record(engine, record)  # DeepSpeed's monitors, when the run config enables them
             progress.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             stopping = stop.agreed(groups.world_group)  # every rank stops after the same step
             periodic = cfg.train.save_every and (step + 1) % cfg.train.save_every == 0
@@ -289,12 +293,16 @@ def train(cfg: RunConfig) -> dict:
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
+    ckpt_dir = run_dir / "checkpoints"
+    resume_tag = checkpoints.resume_point(ckpt_dir, groups, cfg) if cfg.train.resume else None
+    # a checkpoint of another world size resumes through a universal checkpoint (ds_moekd/reshard.py)
+    reshard = universal_resume_config(ckpt_dir, groups.world_size, resume_tag.name) if resume_tag else {}
     with phase("student engine", "DeepSpeed compiles a C++ op on its first use, e.g. its CPU Adam: about a "
                                  "minute each, cached in TORCH_EXTENSIONS_DIR"):
         engine = build_student_engine(student_path, cfg, groups.world_size, prepare_model=fused_head(cfg, method, vocab),
-                                      precision=precision, device=device)
-    state = resume_from_checkpoint(engine, method, run_dir / "checkpoints", groups, cfg) if cfg.train.resume \
-        else {"step": 0}
+                                      precision=precision, device=device,
+                                      extra_config={**reshard, **monitor_sections(cfg)})
+    state = resume_from_checkpoint(engine, method, resume_tag, universal=bool(reshard))
     for _ in range(state["step"] * cfg.train.gradient_accumulation_steps):  # the data stream continues
         next(batches)  # exactly where the checkpoint left it
     validator = Validator.create(cfg, tokenizer, groups, state["step"])  # None unless validation.every > 0

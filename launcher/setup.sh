@@ -5,6 +5,8 @@
 # - Otherwise ./.venv is created. Without a GPU, torch==2.13.0 (CPU build) is installed first,
 #   so that the unpinned `torch` dependency never pulls a multi-GB CUDA build.
 # Re-running is cheap: installation is skipped while pyproject.toml is unchanged.
+# DS_MOEKD_NO_INSTALL=1: use the active environment as it is, never install (prepared cluster
+# images, the launcher tests); it must already import ds_moekd.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
@@ -13,6 +15,11 @@ if [ -n "${VIRTUAL_ENV:-}" ] || [ -n "${CONDA_PREFIX:-}" ]; then
 else
   [ -x .venv/bin/python ] || python3 -m venv .venv >&2
   bin="$repo/.venv/bin"
+fi
+if [ "${DS_MOEKD_NO_INSTALL:-0}" = 1 ]; then
+  "$bin/python" -c "import ds_moekd" 2>/dev/null \
+    || { echo "setup: DS_MOEKD_NO_INSTALL=1 but $bin/python cannot import ds_moekd" >&2; exit 1; }
+  echo "$bin"; exit 0
 fi
 extras="${1:-}"
 stamp="$bin/../.ds-moekd-installed${extras:+-$extras}"  # one per extras set: switching never reinstalls

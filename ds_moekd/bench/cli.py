@@ -1,4 +1,4 @@
-"""`ds-moekd bench {moe-layer, teacher, loss, ka} ...`"""
+"""`ds-moekd bench {moe-layer, teacher, loss, ka, e2e} ...`"""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> None:
         "teacher": "ds_moekd.bench.teacher",
         "loss": "ds_moekd.bench.loss",
         "ka": "ds_moekd.bench.ka",
+        "e2e": "ds_moekd.bench.e2e",
     }
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: ds-moekd bench {{{', '.join(commands)}}} [--help]")

@@ -68,14 +68,17 @@ def load_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int, pre
 
 
 def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prepare_model=None,
-                         precision: str = "fp32", device: torch.device | None = None):
+                         precision: str = "fp32", device: torch.device | None = None, extra_config: dict | None = None):
     """Load the student and wrap it in a DeepSpeed engine (ZeRO stage from the JSON) that trains in
     `precision` on `device`; `prepare_model` (model -> None) runs in between, e.g. to attach the
-    fused loss head (losses/fused.py)."""
+    fused loss head (losses/fused.py). `extra_config`: top-level DeepSpeed JSON sections the run
+    adds (universal-checkpoint loading, monitors); a section the JSON already has is merged into."""
     init_distributed(cfg.train.dist_backend)  # idempotent; DeepSpeed needs its comm layer before initialize
     device = torch.device("cpu") if device is None else device
     ds_path = deepspeed_config_path(cfg.student.deepspeed_config, device)
     ds_config = load_deepspeed_config(ds_path, cfg, world_size, precision)
+    for section, values in (extra_config or {}).items():
+        ds_config[section] = {**ds_config.get(section, {}), **values}
     log.info("student: DeepSpeed config %s, precision %s, on %s", ds_path, precision, device)
     model = _load_student(model_path, ds_config, PRECISION_DTYPES[precision])
     model.config.use_cache = False  # training forward; generation turns it back on

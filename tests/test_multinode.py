@@ -111,14 +111,14 @@ def test_slurm_script_renders_srun_with_master_addr_from_the_node_list(tmp_path)
     _fake(fake_bin / "scontrol", '[ "$1 $2 $3" = "show hostnames gpu-[07-08]" ] || exit 3\nprintf "gpu-07\\ngpu-08\\n"\n')
     _fake(fake_bin / "srun", 'echo "MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"\necho "ARGS $*"\n')
     env = _env(PATH=f"{fake_bin}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_JOB_NODELIST="gpu-[07-08]",
-               SLURM_SUBMIT_DIR=str(REPO))
+               SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="41234")
     for key in ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"):  # the job script must set them itself
         env.pop(key)
     out = subprocess.run(["bash", str(REPO / "launcher/slurm.sbatch"), "ds_configs/quickstart.yaml", "train.steps=5"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     _check(out, out.stdout + out.stderr, "slurm.sbatch")
     lines = out.stdout.splitlines()
-    assert "MASTER_ADDR=gpu-07 MASTER_PORT=29500" in lines
+    assert "MASTER_ADDR=gpu-07 MASTER_PORT=21234" in lines  # the port follows the job id: jobs on a node differ
     args = next(line for line in lines if line.startswith("ARGS ")).split()[1:]
     assert args[0] == "--kill-on-bad-exit=1" and Path(args[1]).name == "python"
     assert args[2:] == ["-m", "ds_moekd.train", "--config", "ds_configs/quickstart.yaml", "train.steps=5"]

@@ -64,7 +64,7 @@ def run_ours(args, cfg) -> None:
     kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.student.path))
     vocab = len(tokenizer)
-    _, batches = training_data(cfg, tokenizer, groups, device)
+    _, batches, _ = training_data(cfg, tokenizer, groups, device)
     method = build_method(cfg, tokenizer)
     teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
     engine = build_student_engine(resolve_path(cfg.student.path), cfg, groups.world_size,
@@ -109,7 +109,7 @@ def run_baseline(args, cfg) -> None:
     torch.manual_seed(cfg.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.student.path))
     vocab = len(tokenizer)
-    _, batches = training_data(cfg, tokenizer, groups, torch.device("cpu"))
+    _, batches, _ = training_data(cfg, tokenizer, groups, torch.device("cpu"))
     teacher = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.teacher.path), dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.student.path), dtype=torch.float32)
     student.config.use_cache = teacher.config.use_cache = False

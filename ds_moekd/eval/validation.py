@@ -56,6 +56,8 @@ class Validator:
             if start_step and log_path.exists() else []
         kept = [r for r in kept if r["step"] <= start_step]
         self.best: float | None = max((r[self.cfg.metric] for r in kept), default=None)
+        if groups.world_group is not None:  # every rank has read before rank 0 rewrites: all agree on the best
+            dist.barrier(group=groups.world_group)
         if groups.rank == 0:
             log_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 

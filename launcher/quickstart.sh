@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: KD of the demo student from the demo MoE teacher,
-# 2 ranks (CPU processes here, GPUs where present), teacher expert-parallel size 2, student
-# ZeRO-3. Writes runs/quickstart/. Extra arguments are config overrides (a.b=c).
+# The main job on the embedded default: the paper's Knowledge Augmentation (method ka) from the
+# demo MoE teacher into the demo student, 2 ranks (CPU processes here, GPUs where present), teacher
+# expert-parallel size 2, student ZeRO-3. Writes runs/quickstart/. Extra arguments are config overrides (a.b=c).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"

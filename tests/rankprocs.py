@@ -52,7 +52,7 @@ def start_ranks(overrides: list[str], world: int = 2, env: dict | None = None, l
                             "MASTER_PORT": str(port), **(env or {})})
         log = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ds_moekd.train", "--config", str(REPO / "ds_configs/quickstart.yaml"), *overrides],
+            [sys.executable, "-m", "ds_moekd.train", "--config", str(REPO / "ds_configs/methods/kd.yaml"), *overrides],
             env=rank_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
     return procs
 

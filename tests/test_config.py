@@ -84,6 +84,16 @@ def test_shipped_run_configs_are_valid():
     assert {load_config(p).method for p in paths} >= {"sft", "kd", "gkd", "all", "ka", "sar"}
 
 
+def test_quickstart_runs_the_papers_ka_with_the_shipped_method_settings():
+    quickstart, ka = load_config(REPO / "ds_configs/quickstart.yaml"), load_config(REPO / "ds_configs/methods/ka.yaml")
+    assert quickstart.method == "ka" and quickstart.teacher.ep_size == 2
+    # the same method settings as the method's own config, so the quickstart is that method as shipped
+    for section in ("ka", "gkd", "optim", "data", "teacher", "student"):
+        assert getattr(quickstart, section) == getattr(ka, section), section
+    assert load_config(REPO / "ds_configs/quickstart.yaml", ["method=kd"]).kd == load_config(
+        REPO / "ds_configs/methods/kd.yaml").kd
+
+
 @pytest.mark.parametrize("override,where", [
     ("gkd.divergence=tvd", "gkd.divergence='tvd'"),
     ("gkd.on_policy_fraction=1.5", "gkd.on_policy_fraction=1.5"),

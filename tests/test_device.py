@@ -38,7 +38,7 @@ def test_precision_auto_is_fp32_on_cpu_and_the_teacher_follows_it():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_the_deepspeed_json_takes_the_runs_precision(precision):
-    cfg = load_config(REPO / "ds_configs/quickstart.yaml", [f"precision={precision}"])
+    cfg = load_config(REPO / "ds_configs/methods/kd.yaml", [f"precision={precision}"])
     for device in (CPU, GPU):
         path = deepspeed_config_path(cfg.student.deepspeed_config, device)
         ds = load_deepspeed_config(path, cfg, world_size=2, precision=precision)
@@ -53,7 +53,7 @@ def test_a_json_that_disagrees_with_the_precision_is_refused(tmp_path):
     ds["bf16"] = {"enabled": True}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
-    cfg = load_config(REPO / "ds_configs/quickstart.yaml", ["precision=fp32"])
+    cfg = load_config(REPO / "ds_configs/methods/kd.yaml", ["precision=fp32"])
     with pytest.raises(ValueError, match=r"bf16.enabled=True conflicts with precision='fp32'"):
         load_deepspeed_config(path, cfg, world_size=1, precision="fp32")
     assert load_deepspeed_config(path, cfg, world_size=1, precision="bf16")["bf16"]["enabled"] is True
@@ -61,9 +61,9 @@ def test_a_json_that_disagrees_with_the_precision_is_refused(tmp_path):
 
 def test_bad_precision_or_backend_in_a_config_names_the_field():
     with pytest.raises(ValueError, match="precision"):
-        load_config(REPO / "ds_configs/quickstart.yaml", ["precision=half"])
+        load_config(REPO / "ds_configs/methods/kd.yaml", ["precision=half"])
     with pytest.raises(ValueError, match="train.dist_backend"):
-        load_config(REPO / "ds_configs/quickstart.yaml", ["train.dist_backend=mpi"])
+        load_config(REPO / "ds_configs/methods/kd.yaml", ["train.dist_backend=mpi"])
 
 
 @pytest.mark.gpu

@@ -45,7 +45,7 @@ def test_one_process_training_prints_no_warning_twice(tiny_demo, tmp_path):
     env.pop("LOCAL_SIZE", None)
     env.pop("OMP_NUM_THREADS", None)
     result = subprocess.run(
-        [sys.executable, "-m", "ds_moekd.cli", "train", "--config", str(REPO / "ds_configs/quickstart.yaml"),
+        [sys.executable, "-m", "ds_moekd.cli", "train", "--config", str(REPO / "ds_configs/methods/kd.yaml"),
          "name=warn", f"output_dir={tmp_path}", "train.steps=6", "data.micro_batch_size=2", "teacher.ep_size=1",
          f"data.train_file={tiny_demo}/data/train.jsonl", f"data.valid_file={tiny_demo}/data/valid.jsonl",
          f"teacher.path={tiny_demo}/teacher", f"student.path={tiny_demo}/student", "report.eval_examples=0",

@@ -29,7 +29,7 @@ def _method_overrides(tiny_demo, out, method):
 def method_runs(rank_pool2, tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("method_runs")
     for method in ("gkd", "ka", "sar"):
-        rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml", _method_overrides(tiny_demo, out, method),
+        rank_pool2.run(_train_on_rank, REPO / "ds_configs/methods/kd.yaml", _method_overrides(tiny_demo, out, method),
                        timeout_s=600)
     return out
 
@@ -49,7 +49,7 @@ def test_resume_after_a_stop_reproduces_the_uninterrupted_run(method_runs, rank_
     shutil.rmtree(stopped / "checkpoints" / f"step{STEPS}")
     (stopped / "checkpoints" / "latest").write_text("step2")
     shutil.rmtree(stopped / "sar_teacher_hf", ignore_errors=True)
-    rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml",
+    rank_pool2.run(_train_on_rank, REPO / "ds_configs/methods/kd.yaml",
                    _method_overrides(tiny_demo, tmp_path, method) + ["train.resume=true"], timeout_s=600)
 
     resumed = read_metrics(stopped / "metrics.jsonl")

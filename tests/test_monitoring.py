@@ -16,7 +16,7 @@ from ds_moekd.telemetry import read_metrics
 from ds_moekd.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "ds_configs/quickstart.yaml"
+CONFIG = REPO / "ds_configs/methods/kd.yaml"
 STEPS = 3
 
 
@@ -25,7 +25,7 @@ def test_monitors_are_off_by_default_and_map_onto_deepspeed_sections(tmp_path):
     cfg = load_config(CONFIG, [f"output_dir={tmp_path}", "monitor.csv=true", "monitor.tensorboard=true",
                                "monitor.wandb=true", "monitor.wandb_team=lab"])
     sections = monitor_sections(cfg)
-    assert sections["csv_monitor"] == {"enabled": True, "output_path": str(tmp_path / "quickstart/monitor"),
+    assert sections["csv_monitor"] == {"enabled": True, "output_path": str(tmp_path / "kd/monitor"),
                                        "job_name": "csv"}
     assert sections["tensorboard"]["enabled"] and sections["tensorboard"]["job_name"] == "tensorboard"
     assert sections["wandb"] == {"enabled": True, "project": "ds-moekd", "team": "lab"}

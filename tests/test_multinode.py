@@ -57,7 +57,7 @@ def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str, what:
 def test_two_nodes_on_loopback_match_one_process(tiny_demo, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes that never ssh to each other\nnode-a slots=1\nnode-b slots=1\n")
-    config = REPO / "ds_configs/quickstart.yaml"
+    config = REPO / "ds_configs/methods/kd.yaml"
     env = _env()
     nodes = [
         subprocess.Popen(["bash", str(REPO / "launcher/multinode.sh"), str(hostfile), str(config),
@@ -89,7 +89,7 @@ def test_one_host_hostfile_runs_here_and_passes_launcher_flags(tiny_demo, tmp_pa
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     logs = tmp_path / "rank_logs"
-    proc = subprocess.run(["bash", str(REPO / "launcher/multinode.sh"), str(hostfile), str(REPO / "ds_configs/quickstart.yaml"),
+    proc = subprocess.run(["bash", str(REPO / "launcher/multinode.sh"), str(hostfile), str(REPO / "ds_configs/methods/kd.yaml"),
                            *_overrides(tiny_demo, tmp_path, "local", 3, 2), "train.steps=1",
                            "--", "--enable_each_rank_log", str(logs)],
                           cwd=tmp_path, env=_env(MASTER_ADDR=""), capture_output=True, text=True, timeout=600)
@@ -114,11 +114,11 @@ def test_slurm_script_renders_srun_with_master_addr_from_the_node_list(tmp_path)
                SLURM_SUBMIT_DIR=str(REPO), SLURM_JOB_ID="41234")
     for key in ("MASTER_ADDR", "MASTER_PORT", "GLOO_SOCKET_IFNAME"):  # the job script must set them itself
         env.pop(key)
-    out = subprocess.run(["bash", str(REPO / "launcher/slurm.sbatch"), "ds_configs/quickstart.yaml", "train.steps=5"],
+    out = subprocess.run(["bash", str(REPO / "launcher/slurm.sbatch"), "ds_configs/methods/kd.yaml", "train.steps=5"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     _check(out, out.stdout + out.stderr, "slurm.sbatch")
     lines = out.stdout.splitlines()
     assert "MASTER_ADDR=gpu-07 MASTER_PORT=21234" in lines  # the port follows the job id: jobs on a node differ
     args = next(line for line in lines if line.startswith("ARGS ")).split()[1:]
     assert args[0] == "--kill-on-bad-exit=1" and Path(args[1]).name == "python"
-    assert args[2:] == ["-m", "ds_moekd.train", "--config", "ds_configs/quickstart.yaml", "train.steps=5"]
+    assert args[2:] == ["-m", "ds_moekd.train", "--config", "ds_configs/methods/kd.yaml", "train.steps=5"]

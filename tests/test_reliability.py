@@ -185,7 +185,7 @@ def _fake_checkpoint(ckpt_dir: Path, step: int, cfg, commit: bool = True) -> Pat
 
 
 def _cfg(tiny_demo, out, **extra):
-    return load_config(REPO / "ds_configs/quickstart.yaml", tiny_overrides(tiny_demo, out, **extra))
+    return load_config(REPO / "ds_configs/methods/kd.yaml", tiny_overrides(tiny_demo, out, **extra))
 
 
 def test_choose_takes_the_newest_verified_checkpoint_and_prune_keeps_k(tiny_demo, tmp_path, caplog):
@@ -245,7 +245,7 @@ def test_run_folder_rules(tiny_demo, tmp_path):
 
 
 def _train(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ds_moekd.train", "--config", str(REPO / "ds_configs/quickstart.yaml"),
+    return subprocess.run([sys.executable, "-m", "ds_moekd.train", "--config", str(REPO / "ds_configs/methods/kd.yaml"),
                            "teacher.ep_size=0", *args], env=run_env(env), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -291,5 +291,5 @@ def test_an_unknown_field_from_an_override_is_not_blamed_on_a_line_of_the_file(o
     from ds_moekd.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
-        load_config(REPO / "ds_configs/quickstart.yaml", [override])
+        load_config(REPO / "ds_configs/methods/kd.yaml", [override])
     assert str(err.value).startswith(f"unknown config field {field}") and "(from a command-line override)" in str(err.value)

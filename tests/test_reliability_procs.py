@@ -77,7 +77,7 @@ def test_sigterm_to_the_launch_script_reaches_the_ranks_and_leaves_no_process(ti
     overrides = " ".join(tiny_overrides(tiny_demo, tmp_path / "out", steps=100000))
     # what the launch scripts do (they also run setup.sh, which the tests must not)
     script = (f"set -euo pipefail; source launcher/signals.sh; "
-              f"run_ranks {LAUNCHERS[launcher]} --config ds_configs/quickstart.yaml {overrides}")
+              f"run_ranks {LAUNCHERS[launcher]} --config ds_configs/methods/kd.yaml {overrides}")
     env = run_env({"MASTER_PORT": str(free_port()), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     with open(tmp_path / "launcher.log", "w") as log:
         script_proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

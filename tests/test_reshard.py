@@ -19,7 +19,7 @@ from ds_moekd.telemetry import read_metrics
 from ds_moekd.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "ds_configs/quickstart.yaml"
+CONFIG = REPO / "ds_configs/methods/kd.yaml"
 GLOBAL_BATCH, FIRST, TOTAL = 4, 3, 5
 
 

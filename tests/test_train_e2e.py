@@ -36,7 +36,7 @@ def _overrides(tiny_demo, out):
 @pytest.fixture(scope="module")
 def kd_run(rank_pool2, tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    written = rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml", _overrides(tiny_demo, out),
+    written = rank_pool2.run(_train_on_rank, REPO / "ds_configs/methods/kd.yaml", _overrides(tiny_demo, out),
                              timeout_s=600)
     assert written == [True, False]  # rank 0 writes the record, rank 1 returns None
     return out / "e2e"
@@ -129,7 +129,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(kd_run, rank_pool
     (crashed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in logged))
     scores = [json.loads(line) for line in (crashed / "validation.jsonl").read_text().splitlines()]
     (crashed / "validation.jsonl").write_text(json.dumps({**scores[0], "before_crash": True}) + "\n")
-    rank_pool2.run(_train_on_rank, REPO / "ds_configs/quickstart.yaml",
+    rank_pool2.run(_train_on_rank, REPO / "ds_configs/methods/kd.yaml",
                    _overrides(tiny_demo, tmp_path) + ["train.resume=true"], timeout_s=600)
 
     resumed = read_metrics(crashed / "metrics.jsonl")

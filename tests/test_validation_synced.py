@@ -26,7 +26,7 @@ def test_synced_validation_survives_training_between_validations(rank_pool2, tin
         "report.eval_examples=0", "validation.every=1", "validation.examples=2", "validation.max_new_tokens=3",
         "validation.generation=synced",
     ]
-    assert rank_pool2.run(_train, REPO / "ds_configs/quickstart.yaml", overrides, timeout_s=300) == [True, False]
+    assert rank_pool2.run(_train, REPO / "ds_configs/methods/kd.yaml", overrides, timeout_s=300) == [True, False]
     logged = [json.loads(line) for line in (tmp_path / "synced" / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]  # four validations, each followed by training
     assert (tmp_path / "synced" / "best_student_hf" / "best.json").is_file()

@@ -21,6 +21,9 @@ from ds_moekd.data.synthetic import read_jsonl
 from ds_moekd.telemetry import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
+# Put before the user's overrides: the comparison scores every student itself on the held-out file,
+# so each run's own before/after scoring (report.eval_examples) would only repeat that work.
+RUN_DEFAULTS = ["report.eval_examples=0"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,10 +67,11 @@ def main(argv=None) -> Path:
     out, config_dir = Path(args.out), Path(args.config_dir)
     runs_dir = out / "runs"
     specs = [RunSpec(method, seed) for seed in range(1, args.seeds + 1) for method in args.methods]
-    trained = run_all(specs, config_dir, runs_dir, out / "logs", args.world_size, args.overrides)
+    run_overrides = [*RUN_DEFAULTS, *args.overrides]
+    trained = run_all(specs, config_dir, runs_dir, out / "logs", args.world_size, run_overrides)
     records = read_jsonl(resolve_path(args.eval_file))
     records = records[: args.eval_examples] if args.eval_examples else records
-    first = load_config(config_dir / f"{args.methods[0]}.yaml", args.overrides)
+    first = load_config(config_dir / f"{args.methods[0]}.yaml", run_overrides)
     print("[compare] scoring the teacher (native, all, KA) and the undistilled student")
     teacher = _cached(out / "teacher_scores.json", lambda: score_teacher(
         resolve_path(first.teacher.path), records, args.max_new_tokens, first.ka.resample_prob))
@@ -87,7 +91,7 @@ def main(argv=None) -> Path:
                                                        lambda run_dir=run_dir: sar_gate_mass(run_dir / "sar_teacher_hf",
                                                                                              records))
     data = {"settings": {"methods": args.methods, "seeds": list(range(1, args.seeds + 1)),
-                         "world_size": args.world_size, "overrides": args.overrides, "eval_file": args.eval_file,
+                         "world_size": args.world_size, "overrides": run_overrides, "eval_file": args.eval_file,
                          "eval_records": len(records), "max_new_tokens": args.max_new_tokens,
                          "trained_now_s": trained},
             "teacher": teacher, "student_before": student_before, "runs": runs}

@@ -57,7 +57,7 @@ def _sort_words(rng: random.Random) -> Item:
 
 
 def _reverse_words(rng: random.Random) -> Item:
-    words = rng.sample(WORDS, rng.randint(3, 6))
+    words = rng.sample(WORDS, rng.randint(2, 4))
     return tuple(words), "Write the words in reverse order.", " ".join(words), " ".join(reversed(words))
 
 
@@ -67,7 +67,7 @@ def _count_words(rng: random.Random) -> Item:
 
 
 def _extreme_number(rng: random.Random) -> Item:
-    numbers = rng.sample(range(10, 100), rng.randint(4, 6))
+    numbers = rng.sample(range(10, 100), 3)
     largest = rng.random() < 0.5
     which = "largest" if largest else "smallest"
     answer = max(numbers) if largest else min(numbers)
@@ -75,23 +75,23 @@ def _extreme_number(rng: random.Random) -> Item:
         " ".join(map(str, numbers)), str(answer)
 
 
-def _category_filter(rng: random.Random) -> Item:
+def _category_name(rng: random.Random) -> Item:
+    # Knowledge, not copying: which of the six groups 2-3 member words share. Every word is seen in
+    # training; held-out items are unseen combinations.
     category = rng.choice(sorted(CATEGORIES))
-    members = rng.sample(CATEGORIES[category], rng.randint(1, 3))
-    others = rng.sample([w for w in WORDS if w not in CATEGORIES[category]], rng.randint(2, 4))
-    words = members + others
-    rng.shuffle(words)
-    return (category, tuple(words)), f"List the {category} in the input, in order.", " ".join(words), \
-        " ".join(w for w in words if w in members)
+    words = rng.sample(CATEGORIES[category], rng.randint(2, 3))
+    return (tuple(sorted(words)),), "Which group do these words belong to?", " ".join(words), category
 
 
 def _key_lookup(rng: random.Random) -> Item:
-    keys = rng.sample(_KEY_LETTERS, rng.randint(3, 5))
-    values = [rng.randint(10, 99) for _ in keys]
+    keys = rng.sample(_KEY_LETTERS, rng.randint(2, 4))
+    values = [rng.randint(0, 9) for _ in keys]
     query = rng.choice(keys)
     pairs = tuple(zip(keys, values))
-    return (query, pairs), f"What is the value of {query}?", " ".join(f"{k}={v}" for k, v in pairs), \
-        str(dict(pairs)[query])
+    # The query is written as its key is (` a=`) and values are one digit (one token), so the answer
+    # is the single token that followed the query's earlier occurrence (an induction-head copy).
+    return (query, pairs), "Complete the last pair with the value given earlier.", \
+        "pairs: " + " ".join(f"{k}={v}" for k, v in pairs) + f" ; {query}=", str(dict(pairs)[query])
 
 
 FAMILIES: dict[str, Callable[[random.Random], Item]] = {
@@ -101,7 +101,7 @@ FAMILIES: dict[str, Callable[[random.Random], Item]] = {
     "reverse_words": _reverse_words,
     "count_words": _count_words,
     "extreme_number": _extreme_number,
-    "category_filter": _category_filter,
+    "category_name": _category_name,
     "key_lookup": _key_lookup,
 }
 

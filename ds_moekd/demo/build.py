@@ -43,10 +43,10 @@ PLANS = {
     # trained briefly on purpose, so the teacher clearly beats it and distillation has room to work.
     "full": BuildPlan(
         per_family={"train": 6000, "valid": 50, "test": 100},
-        teacher=TeacherShape(hidden=128, layers=4, heads=4, num_experts=8, expert_intermediate=128, top_k=2),
+        teacher=TeacherShape(hidden=128, layers=4, heads=4, num_experts=8, expert_intermediate=256, top_k=2),
         student=StudentShape(hidden=64, layers=2, heads=4, intermediate=256),
         dense_stage=Stage(steps=400, batch_size=64, lr=3e-3, warmup=40),
-        moe_stage=Stage(steps=2000, batch_size=64, lr=2e-3, warmup=40),
+        moe_stage=Stage(steps=5000, batch_size=64, lr=3e-3, warmup=40),
         student_stage=Stage(steps=250, batch_size=64, lr=3e-3, warmup=25),
     ),
     # Seconds, for tests: the same pipeline on toy shapes.

@@ -37,6 +37,16 @@ def test_welch_difference_and_the_seed_spread():
     assert t975(2.7) == 4.303 and t975(100) == 1.96
 
 
+def test_teacher_rows_come_from_the_first_method_with_a_teacher():
+    from ds_moekd.comparison.cli import teacher_source
+    from ds_moekd.config import load_config
+
+    sft, kd = (load_config(REPO / f"ds_configs/methods/{m}.yaml") for m in ("sft", "kd"))
+    assert teacher_source([sft, kd]) is kd
+    with pytest.raises(ValueError, match="names a teacher.path"):
+        teacher_source([sft])
+
+
 def _method_configs(tiny_demo: Path, directory: Path) -> Path:
     directory.mkdir()
     for method in ("kd", "sar"):

@@ -16,7 +16,7 @@ from pathlib import Path
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.comparison.runs import RunSpec, run_all
-from ds_moekd.config import METHODS, load_config
+from ds_moekd.config import METHODS, RunConfig, load_config
 from ds_moekd.data.synthetic import read_jsonl
 from ds_moekd.telemetry import read_metrics
 
@@ -59,6 +59,14 @@ def _run_cost(run_dir: Path) -> tuple[float, float]:
     return sum(m["step_s"] for m in steady) / len(steady), max(m["peak_memory_mb"] for m in metrics)
 
 
+def teacher_source(configs: list) -> RunConfig:
+    """The config the teacher rows are scored from: the first that names a teacher (sft's need not)."""
+    for cfg in configs:
+        if cfg.teacher.path:
+            return cfg
+    raise ValueError(f"compare: none of the configs ({', '.join(c.name for c in configs)}) names a teacher.path")
+
+
 def main(argv=None) -> Path:
     from ds_moekd.comparison.report import write_comparison_report
     from ds_moekd.comparison.scoring import sar_gate_mass, score_student, score_teacher
@@ -71,12 +79,13 @@ def main(argv=None) -> Path:
     trained = run_all(specs, config_dir, runs_dir, out / "logs", args.world_size, run_overrides)
     records = read_jsonl(resolve_path(args.eval_file))
     records = records[: args.eval_examples] if args.eval_examples else records
-    first = load_config(config_dir / f"{args.methods[0]}.yaml", run_overrides)
+    configs = [load_config(config_dir / f"{method}.yaml", run_overrides) for method in args.methods]
+    with_teacher = teacher_source(configs)
     print("[compare] scoring the teacher (native, all, KA) and the undistilled student")
     teacher = _cached(out / "teacher_scores.json", lambda: score_teacher(
-        resolve_path(first.teacher.path), records, args.max_new_tokens, first.ka.resample_prob))
-    student_before = _cached(out / "student_scores.json",
-                             lambda: score_student(resolve_path(first.student.path), records, args.max_new_tokens))
+        resolve_path(with_teacher.teacher.path), records, args.max_new_tokens, with_teacher.ka.resample_prob))
+    student_before = _cached(out / "student_scores.json", lambda: score_student(
+        resolve_path(configs[0].student.path), records, args.max_new_tokens))
     runs = {}
     for spec in specs:
         run_dir = runs_dir / spec.name

@@ -79,12 +79,13 @@ def test_exported_student_carries_its_prompt_format(kd_run):
     record = load_eval_data(load_config(kd_run / "config.yaml").data.valid_file).records[0]
     content = f"{record.instruction}\n\n{record.input}"  # one user message: the template's instruction
     chat = pipeline("text-generation", model=str(export), device="cpu")
-    reply = chat([{"role": "user", "content": content}], max_new_tokens=8, do_sample=False)
+    # min_new_tokens: a briefly trained student may answer EOS at once, and '' == '' would prove nothing
+    greedy = {"max_new_tokens": 8, "min_new_tokens": 4, "do_sample": False}
+    reply = chat([{"role": "user", "content": content}], **greedy)
     # Reference: greedy decoding of the Alpaca prompt, exactly as training and evaluation render it.
     model = AutoModelForCausalLM.from_pretrained(export)
     ids = tokenizer(alpaca_prompt(content), return_tensors="pt", add_special_tokens=False).input_ids
-    expected = tokenizer.decode(model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:],
-                                skip_special_tokens=True)
+    expected = tokenizer.decode(model.generate(ids, **greedy)[0, ids.shape[1]:], skip_special_tokens=True)
     assert reply[0]["generated_text"][-1] == {"role": "assistant", "content": expected} and expected.strip()
 
 

@@ -35,7 +35,7 @@ def run_overrides(name: str, out: Path, demo: Path, teacher: Path, world: int, m
 def measure(name: str, out: Path, demo: Path, teacher: Path, world: int = 1, micro_batch: int = 4) -> dict:
     """Train 2 KD steps on `world` CPU ranks (EP = world); return the plan's and the measured peak (MiB)."""
     overrides = run_overrides(name, out, demo, teacher, world, micro_batch)
-    config = str(REPO / "ds_configs/quickstart.yaml")
+    config = str(REPO / "ds_configs/methods/kd.yaml")
     port = str(_free_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo",
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

@@ -1,8 +1,10 @@
 """`ds-moekd bench e2e`: tokens/s and peak memory per rank of whole distillation steps, ds-moekd
 against the authors'-style baseline on the same models and batches (ds_moekd/bench/e2e_worker.py
-describes both), measured in the same session as interleaved runs: ours, baseline, ours, ...
-Each run is a fresh set of CPU ranks (or GPUs) under torchrun, so each system's peak resident
-set is its own. Ratios are ours / baseline; the first `--skip` steps of each run are warm-up.
+describes both), measured in the same session. By default (`--interleave steps`) both systems live in the same
+ranks and alternate step by step (the order swapping every step), so both see the same load from
+other jobs; their peak resident sets come from short runs of each system alone, each a fresh set
+of CPU ranks (or GPUs) under torchrun. `--interleave runs` alternates whole runs instead (ours,
+baseline, ours, ...). Ratios are ours / baseline; the first `--skip` steps of each run are warm-up.
 Several methods (`--method kd --method ka`, or `--method kd,ka,sar`) interleave too: each round
 runs every method's pair before the next round.
 
@@ -50,10 +52,13 @@ def method_config(method: str, args) -> Path:
     return args.config or REPO / f"ds_configs/methods/{method}.yaml"
 
 
-def run_system(system: str, method: str, args, teacher: str, work: Path, tag: str) -> list[dict]:
+def run_system(system: str, method: str, args, teacher: str, work: Path, tag: str,
+               steps: int | None = None) -> dict[str, list[dict]]:
+    """{system: per-rank records} of one torchrun (system `both`: ours and baseline, step by step)."""
     out = work / tag
+    steps = steps or args.steps
     overrides = [f"method={method}", f"teacher.path={teacher}", f"data.micro_batch_size={args.micro_batch}",
-                 f"teacher.ep_size={args.ranks}", f"train.steps={args.steps}", *args.overrides]
+                 f"teacher.ep_size={args.ranks}", f"train.steps={steps}", *args.overrides]
     port = str(_free_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false"}
@@ -61,12 +66,15 @@ def run_system(system: str, method: str, args, teacher: str, work: Path, tag: st
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_addr",
            "127.0.0.1", "--master_port", port, "-m", "ds_moekd.bench.e2e_worker", "--system", system,
-           "--config", str(method_config(method, args)), "--steps", str(args.steps), "--out", str(out),
+           "--config", str(method_config(method, args)), "--steps", str(steps), "--out", str(out),
            "--threads", str(args.threads), *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"bench e2e: the {system} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(args.ranks)]
+    if system != "both":
+        return {system: [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(args.ranks)]}
+    return {name: [json.loads(Path(f"{out}-{name}.rank{r}.json").read_text()) for r in range(args.ranks)]
+            for name in ("ours", "baseline")}
 
 
 def summarise(ranks: list[dict], skip: int) -> dict:
@@ -88,9 +96,17 @@ def bench_size(size: str, methods: list[str], args, work: Path) -> dict[str, dic
     runs = {m: {"ours": [], "baseline": []} for m in methods}
     for round_index in range(args.rounds):
         for method in methods:
-            for system in ("ours", "baseline"):
-                tag = f"{size}-{method}-{system}-{round_index}"
-                summary = summarise(run_system(system, method, args, teacher, work, tag), args.skip)
+            tag = f"{size}-{method}-{{}}-{round_index}"
+            if args.interleave == "runs":
+                summaries = {system: summarise(run_system(system, method, args, teacher, work, tag.format(system))[system],
+                                               args.skip) for system in ("ours", "baseline")}
+            else:  # speed from one run alternating step by step; peak memory from short runs of each alone
+                both = run_system("both", method, args, teacher, work, tag.format("both"))
+                summaries = {system: summarise(both[system], args.skip) for system in ("ours", "baseline")}
+                for system in ("ours", "baseline"):
+                    alone = run_system(system, method, args, teacher, work, tag.format(system), args.memory_steps)
+                    summaries[system]["peak_rss_mib_per_rank"] = [r["peak_rss_bytes"] / 2**20 for r in alone[system]]
+            for system, summary in summaries.items():
                 runs[method][system].append(summary)
                 print(f"[{size} {method}] round {round_index + 1} {system}: {summary['tokens_per_s']:.0f} tokens/s, "
                       f"peak {max(summary['peak_rss_mib_per_rank']):.0f} MiB/rank", flush=True)
@@ -164,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--skip", type=int, default=10, help="warm-up steps left out of each run")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved runs of each system")
+    parser.add_argument("--interleave", choices=("steps", "runs"), default="steps",
+                        help="steps: both systems in the same ranks, alternating step by step (robust to other jobs "
+                             "on the machine), peak memory from short runs of each alone; runs: ours, baseline, ... "
+                             "as separate runs")
+    parser.add_argument("--memory-steps", type=int, default=12, help="steps of the peak-memory runs (--interleave steps)")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT_<method>.{json,md,png}")
     parser.add_argument("overrides", nargs="*", help="run config overrides for both systems")

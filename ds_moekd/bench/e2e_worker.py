@@ -41,7 +41,9 @@ METHODS = ("kd", "gkd", "all", "ka", "sar")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds_moekd.bench.e2e_worker")
-    p.add_argument("--system", choices=("ours", "baseline"), required=True)
+    p.add_argument("--system", choices=("ours", "baseline", "both"), required=True,
+                   help="both: the two systems in the same ranks, alternating step by step (speed only: "
+                        "their peak memory is measured in runs of their own)")
     p.add_argument("--config", required=True, help="run config (method, models, data, batch)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True, help="JSON file per rank: OUT.rank<r>.json")
@@ -64,14 +66,38 @@ class _Steps:
         self.losses.append(float(totals[1]))
         self.phases.append({k: round(v, 6) for k, v in phases.items()})
 
-    def write(self, args, rank: int) -> None:
-        Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
-            "system": args.system, "rank": rank, "step_s": self.step_s, "tokens": self.tokens, "loss": self.losses,
-            "phases": self.phases, "peak_rss_bytes": _proc_status_bytes("VmHWM"),
-        }))
+    def as_dict(self, system: str, rank: int) -> dict:
+        return {"system": system, "rank": rank, "step_s": self.step_s, "tokens": self.tokens, "loss": self.losses,
+                "phases": self.phases, "peak_rss_bytes": _proc_status_bytes("VmHWM")}
 
 
-def run_ours(args, cfg) -> None:
+def _run(steppers: dict, args, rank: int) -> None:
+    """Time each system's steps, barrier to barrier; with two systems they alternate step by step,
+    the order swapping every step, so both see the same load on a shared machine."""
+    records = {name: _Steps() for name in steppers}
+    names = list(steppers)
+    for step in range(args.steps):
+        for name in names if step % 2 == 0 else names[::-1]:
+            enter, step_fn, leave = steppers[name]
+            enter()
+            watch_totals: dict[str, float] = {}
+            dist.barrier()
+            start = time.perf_counter()
+            tokens, loss_share = step_fn(step, watch_totals)
+            dist.barrier()
+            records[name].add(time.perf_counter() - start, tokens, loss_share, watch_totals)
+            leave()
+    for name, record in records.items():
+        out = args.out if len(records) == 1 else f"{args.out}-{name}"
+        Path(f"{out}.rank{rank}.json").write_text(json.dumps(record.as_dict(name, rank)))
+
+
+def _nothing() -> None:
+    pass
+
+
+def setup_ours(cfg):
+    """(rank, (enter, step, leave)) of ds-moekd's own training step."""
     from transformers import AutoTokenizer
 
     from ds_moekd import kernels
@@ -96,16 +122,15 @@ def run_ours(args, cfg) -> None:
     teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
     engine = build_student_engine(resolve_path(cfg.student.path), cfg, groups.world_size,
                                   prepare_model=fused_head(cfg, method, vocab), precision=precision, device=device)
-    record = _Steps()
-    for step in range(args.steps):
+
+    def step_fn(step: int, phases: dict) -> tuple[float, float]:
         micro = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
         watch = Stopwatch()
-        dist.barrier()
-        start = time.perf_counter()
+        watch.totals = phases
         loss, _, extras = train_step(engine, teacher, method, micro, groups, vocab, watch, cfg.kd.token_chunk, step)
-        dist.barrier()
-        record.add(time.perf_counter() - start, extras["tokens"], loss, watch.totals)
-    record.write(args, groups.rank)
+        return extras["tokens"], loss
+
+    return groups.rank, (_nothing, step_fn, _nothing)
 
 
 # ---------------------------------------------------------------- the authors'-style baseline
@@ -218,7 +243,9 @@ def _router_step(teacher, routing, student, batch, cfg, vocab, router_params, ro
     return float(loss)
 
 
-def run_baseline(args, cfg) -> None:
+def setup_baseline(cfg):
+    """(rank, (enter, step, leave)) of the authors'-style step. Built before ds-moekd's engine in
+    `both` mode: transformers would load the models under ZeRO-3's Init once an engine exists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ds_moekd.assets import resolve_path
@@ -256,12 +283,26 @@ def run_baseline(args, cfg) -> None:
     divergence = "forward_kl" if cfg.method == "kd" else cfg.gkd.divergence
     ce_weight = cfg.kd.ce_weight if cfg.method == "kd" else cfg.gkd.ce_weight
     div_weight = cfg.kd.kl_weight if cfg.method == "kd" else 1.0
-    record = _Steps()
-    for step in range(args.steps):
+    linear = {"ours": None}
+
+    def enter() -> None:
+        # ZeRO-3 replaces torch's F.linear process-wide with its own autograd function when it builds the
+        # student (DeepSpeed: "this will persist"); the baseline runs with torch's own, as it would alone.
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+
+        original = getattr(Init, "linear_bk", None)
+        if original is not None and F.linear is not original:
+            linear["ours"] = F.linear
+            F.linear = original
+
+    def leave() -> None:
+        if linear["ours"] is not None:
+            F.linear, linear["ours"] = linear["ours"], None
+
+    def step_fn(step: int, phases: dict) -> tuple[float, float]:
         batch = next(batches)
         watch = Stopwatch()
-        dist.barrier()
-        start = time.perf_counter()
+        watch.totals = phases
         if on_policy:  # the plain student's rollouts (DDP's module), the same sampler and keys as ours
             batch = method.responses(batch, StepContext(ddp, teacher, groups, vocab, step, watch))
         for _ in range(cfg.sar.router_steps if cfg.method == "sar" else 0):
@@ -290,9 +331,9 @@ def run_baseline(args, cfg) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
-        dist.barrier()
-        record.add(time.perf_counter() - start, float(batch.num_tokens), loss.item() / groups.world_size, watch.totals)
-    record.write(args, groups.rank)
+        return float(batch.num_tokens), loss.item() / groups.world_size
+
+    return groups.rank, (enter, step_fn, leave)
 
 
 def main(argv=None) -> None:
@@ -305,7 +346,14 @@ def main(argv=None) -> None:
     if cfg.method not in METHODS:
         raise SystemExit(f"bench e2e: method {cfg.method!r} has no authors'-style baseline (one of {METHODS})")
     try:
-        (run_ours if args.system == "ours" else run_baseline)(args, cfg)
+        steppers = {}
+        if args.system in ("baseline", "both"):
+            rank, steppers["baseline"] = setup_baseline(cfg)
+        if args.system in ("ours", "both"):
+            rank, steppers["ours"] = setup_ours(cfg)
+        if args.system == "both":
+            steppers = {"ours": steppers["ours"], "baseline": steppers["baseline"]}
+        _run(steppers, args, rank)
     finally:
         shutdown()
 

@@ -57,9 +57,13 @@ def generation_model(engine, mode: str, groups: ParallelGroups):
 
 
 def partitioned_parameters(params) -> list:
-    """The ZeRO-3 parameters that are partitioned between steps (not `ds_persist`): the ones a
-    `GatheredParameters` context needs; the persistent ones are whole on every rank already."""
-    return [p for p in params if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
+    """The ZeRO-3 parameters a `GatheredParameters` context needs: all but the persistent ones that
+    are whole on this rank already (a persistent parameter is fetched at its first forward, so
+    before the first step it may still be partitioned)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if hasattr(p, "ds_id")
+            and not (getattr(p, "ds_persist", False) and p.ds_status == ZeroParamStatus.AVAILABLE)]
 
 
 @contextlib.contextmanager

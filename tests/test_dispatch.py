@@ -41,12 +41,12 @@ def per_token_reference(x_TH, ids_TK, weights_TK, w_gate_up_NHJ, w_down_NIH):
     return out_TH
 
 
-def _dispatch_on_rank(tokens_per_rank: list[int], seed: int) -> torch.Tensor:
+def _dispatch_on_rank(tokens_per_rank: list[int], seed: int, gathered: bool = False) -> torch.Tensor:
     groups = ParallelGroups.create(ep_size=2)
     w_gate_up_NHJ, w_down_NIH, ranks = make_case(tokens_per_rank, seed)
     local = slice(groups.ep_rank * NUM_EXPERTS // 2, (groups.ep_rank + 1) * NUM_EXPERTS // 2)
     x_TH, ids_TK, weights_TK = ranks[groups.rank]
-    out_TH, _ = dispatch_sparse(
+    out_TH, load_E = dispatch_sparse(
         x_TH,
         ids_TK,
         weights_TK,
@@ -56,8 +56,11 @@ def _dispatch_on_rank(tokens_per_rank: list[int], seed: int) -> torch.Tensor:
         expert_ffn=functools.partial(
             grouped_swiglu_reference, w_gate_up_EHJ=w_gate_up_NHJ[local], w_down_EIH=w_down_NIH[local]
         ),
+        ep_rank=groups.ep_rank,
+        # EP 2 <= top-2: with the group's largest token count the two-exchange gathered path runs
+        max_tokens=max(tokens_per_rank) if gathered else None,
     )
-    return out_TH
+    return out_TH, load_E
 
 
 def test_single_rank_dispatch_matches_per_token_reference():
@@ -79,11 +82,15 @@ def test_single_rank_dispatch_matches_per_token_reference():
     assert torch.equal(load_N, torch.bincount(ids_TK.reshape(-1), minlength=NUM_EXPERTS))
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["all_to_all", "gathered"])
 @pytest.mark.parametrize("tokens_per_rank", [[7, 3], [5, 0], [0, 0]])
-def test_two_rank_dispatch_with_uneven_and_empty_ranks(rank_pool2, tokens_per_rank):
-    outputs = rank_pool2.run(_dispatch_on_rank, tokens_per_rank, seed=1)
+def test_two_rank_dispatch_with_uneven_and_empty_ranks(rank_pool2, tokens_per_rank, gathered):
+    outputs = rank_pool2.run(_dispatch_on_rank, tokens_per_rank, seed=1, gathered=gathered)
     w_gate_up_NHJ, w_down_NIH, ranks = make_case(tokens_per_rank, seed=1)
-    for out_TH, (x_TH, ids_TK, weights_TK) in zip(outputs, ranks):
+    all_ids = torch.cat([ids_TK.reshape(-1) for _, ids_TK, _ in ranks])
+    loads = torch.cat([load_E for _, load_E in outputs])
+    assert torch.equal(loads, torch.bincount(all_ids, minlength=NUM_EXPERTS))
+    for (out_TH, _), (x_TH, ids_TK, weights_TK) in zip(outputs, ranks):
         assert out_TH.shape == x_TH.shape
         torch.testing.assert_close(
             out_TH, per_token_reference(x_TH, ids_TK, weights_TK, w_gate_up_NHJ, w_down_NIH)

@@ -2,12 +2,23 @@
 distillation steps of one system on the same models and batches, timed with the ranks in step.
 
 - `ours`: ds-moekd's own step (ds_moekd.train.train_step): EP teacher, ZeRO-3 student through
-  DeepSpeed, fused-head loss, global token mean.
-- `baseline`: the authors' style: the transformers teacher whole on every rank, full fp32 logits,
-  a plain DDP student with torch AdamW, the loss averaged per rank.
-
-Only `kd` has a baseline so far: the on-policy methods would need the authors' rollouts and KA's
-modified router in the baseline too (docs/scale-out.md).
+  DeepSpeed, fused-head loss, global token mean, the method's own phases (rollouts, KA's batched
+  draws, SAR's router step).
+- `baseline`: the authors' style on the same models and batches: the transformers teacher whole
+  on every rank, full fp32 logits, a plain DDP student with torch AdamW, the loss averaged per
+  rank. Per method:
+  - kd: the teacher's native top-k, CE + forward KL on the dataset responses.
+  - gkd: student rollouts (the same sampler and keys as ours, so the same tokens) from the plain
+    student, then the teacher's native top-k and the method's divergence.
+  - all: the same with the transformers teacher's `top_k` set to N (every expert, original router
+    weights).
+  - ka: M sequential teacher forwards, each with N-1 experts per token (KA's policy: the top N-1,
+    or with probability `ka.resample_prob` N-1 drawn from the router, i.e. one expert dropped),
+    keyed like ours so the draws are the same; loss = mean over draws of D(p_m, q).
+  - sar: the replicated teacher with top_k = N and its routers trainable: before the student
+    step a router step (teacher in train mode, KL(p||q) with the student frozen plus
+    `sar.balance_weight` x sum over layers of cv^2(importance), router gradients all-reduced over
+    the ranks, clipped, torch AdamW on the routers only); then the student step as for `all`.
 """
 
 from __future__ import annotations
@@ -20,15 +31,19 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from ds_moekd.bench.timing import _proc_status_bytes
 
 REPO = Path(__file__).resolve().parents[2]
+METHODS = ("kd", "gkd", "all", "ka", "sar")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds_moekd.bench.e2e_worker")
-    p.add_argument("--system", choices=("ours", "baseline"), required=True)
+    p.add_argument("--system", choices=("ours", "baseline", "both"), required=True,
+                   help="both: the two systems in the same ranks, alternating step by step (speed only: "
+                        "their peak memory is measured in runs of their own)")
     p.add_argument("--config", required=True, help="run config (method, models, data, batch)")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True, help="JSON file per rank: OUT.rank<r>.json")
@@ -37,14 +52,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _record(args, rank: int, step_s: list[float], tokens: list[int], losses: list[float]) -> None:
-    Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
-        "system": args.system, "rank": rank, "step_s": step_s, "tokens": tokens, "loss": losses,
-        "peak_rss_bytes": _proc_status_bytes("VmHWM"),
-    }))
+class _Steps:
+    """Per-step records: wall time (barrier to barrier), global tokens, global loss, phase times."""
+
+    def __init__(self):
+        self.step_s, self.tokens, self.losses, self.phases = [], [], [], []
+
+    def add(self, seconds: float, tokens: float, loss_share: float, phases: dict[str, float]) -> None:
+        self.step_s.append(seconds)
+        totals = torch.tensor([tokens, loss_share], dtype=torch.float64)
+        dist.all_reduce(totals)
+        self.tokens.append(int(totals[0]))
+        self.losses.append(float(totals[1]))
+        self.phases.append({k: round(v, 6) for k, v in phases.items()})
+
+    def as_dict(self, system: str, rank: int) -> dict:
+        return {"system": system, "rank": rank, "step_s": self.step_s, "tokens": self.tokens, "loss": self.losses,
+                "phases": self.phases, "peak_rss_bytes": _proc_status_bytes("VmHWM")}
 
 
-def run_ours(args, cfg) -> None:
+def _run(steppers: dict, args, rank: int) -> None:
+    """Time each system's steps, barrier to barrier; with two systems they alternate step by step,
+    the order swapping every step, so both see the same load on a shared machine."""
+    records = {name: _Steps() for name in steppers}
+    names = list(steppers)
+    for step in range(args.steps):
+        for name in names if step % 2 == 0 else names[::-1]:
+            enter, step_fn, leave = steppers[name]
+            enter()
+            watch_totals: dict[str, float] = {}
+            dist.barrier()
+            start = time.perf_counter()
+            tokens, loss_share = step_fn(step, watch_totals)
+            dist.barrier()
+            records[name].add(time.perf_counter() - start, tokens, loss_share, watch_totals)
+            leave()
+    for name, record in records.items():
+        out = args.out if len(records) == 1 else f"{args.out}-{name}"
+        Path(f"{out}.rank{rank}.json").write_text(json.dumps(record.as_dict(name, rank)))
+
+
+def _nothing() -> None:
+    pass
+
+
+def setup_ours(cfg):
+    """(rank, (enter, step, leave)) of ds-moekd's own training step."""
     from transformers import AutoTokenizer
 
     from ds_moekd import kernels
@@ -69,39 +122,137 @@ def run_ours(args, cfg) -> None:
     teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
     engine = build_student_engine(resolve_path(cfg.student.path), cfg, groups.world_size,
                                   prepare_model=fused_head(cfg, method, vocab), precision=precision, device=device)
-    step_s, tokens, losses = [], [], []
-    for step in range(args.steps):
+
+    def step_fn(step: int, phases: dict) -> tuple[float, float]:
         micro = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-        dist.barrier()
-        start = time.perf_counter()
-        loss, _, extras = train_step(engine, teacher, method, micro, groups, vocab, Stopwatch(), cfg.kd.token_chunk,
-                                     step)
-        dist.barrier()
-        step_s.append(time.perf_counter() - start)
-        totals = torch.tensor([extras["tokens"], loss], dtype=torch.float64)
-        dist.all_reduce(totals)
-        tokens.append(int(totals[0]))
-        losses.append(float(totals[1]))
-    _record(args, groups.rank, step_s, tokens, losses)
+        watch = Stopwatch()
+        watch.totals = phases
+        loss, _, extras = train_step(engine, teacher, method, micro, groups, vocab, watch, cfg.kd.token_chunk, step)
+        return extras["tokens"], loss
+
+    return groups.rank, (_nothing, step_fn, _nothing)
 
 
-def _baseline_loss(student, teacher, batch, cfg, vocab: int) -> torch.Tensor:
-    """Word-level KD (CE + forward KL) on full fp32 logits, averaged over this rank's response tokens."""
-    logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab].float()
-    s_logp = torch.log_softmax(batch.response_rows(logits), dim=-1)
+# ---------------------------------------------------------------- the authors'-style baseline
+
+
+def _divergence(kind: str, s_logp: torch.Tensor, t_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """Mean over rows of D between teacher p and student q, from full fp32 log-probabilities."""
+    if kind == "forward_kl":  # KL(p||q)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    if kind == "reverse_kl":  # KL(q||p)
+        return (s_logp.exp() * (s_logp - t_logp)).sum(-1).mean()
+    if kind == "jsd":  # generalized JSD(beta): beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q
+        m_logp = torch.logsumexp(torch.stack([t_logp + torch.log(torch.tensor(beta)),
+                                              s_logp + torch.log(torch.tensor(1 - beta))]), dim=0)
+        return (beta * (t_logp.exp() * (t_logp - m_logp)).sum(-1)
+                + (1 - beta) * (s_logp.exp() * (s_logp - m_logp)).sum(-1)).mean()
+    raise ValueError(f"divergence {kind!r}")
+
+
+class _BaselineRouting:
+    """Routing of the transformers teacher's MoE blocks for one forward: its native top-k (None),
+    every expert (top_k = N), or a ds-moekd policy (KA's draws) patched into each router, keyed
+    like ds-moekd's teacher (example id, real-token position, draw) so both draw the same experts."""
+
+    def __init__(self, teacher, source: str):
+        from ds_moekd.teacher.families import get_family
+
+        self.spec = get_family(teacher.config, source).router_spec(teacher.config)
+        self.routers = [(i, layer.mlp.gate) for i, layer in enumerate(teacher.model.layers)
+                        if hasattr(getattr(layer, "mlp", None), "gate") and hasattr(layer.mlp.gate, "top_k")]
+        if not self.routers:
+            raise SystemExit("bench e2e: the baseline teacher has no transformers top-k routers to route")
+        self.native_k = self.routers[0][1].top_k
+        self.policy = None
+        self.context = None
+        self.kept: list[torch.Tensor] | None = None  # router logits of a forward, when collecting
+        for index, router in self.routers:
+            router.forward = self._patched(index, router, router.forward)
+            router.register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        if self.kept is not None:
+            self.kept.append(output[0])
+
+    def _patched(self, layer_index, router, native_forward):
+        from ds_moekd.routing import RoutingContext
+
+        def forward(hidden_states):
+            if self.policy is None:
+                return native_forward(hidden_states)
+            hidden_states = hidden_states.reshape(-1, router.weight.shape[1])
+            logits_TN = F.linear(hidden_states, router.weight)
+            sequence_T, position_T, draw_T = self.context
+            ids_TK, weights_TK = self.policy.route(logits_TN, self.spec,
+                                                   RoutingContext(layer_index, sequence_T, position_T, draw_T))
+            return logits_TN, weights_TK.to(hidden_states.dtype), ids_TK
+        return forward
+
+    def set(self, mode: str, policy=None, batch=None, draw: int = 0) -> None:
+        """mode: native | all | policy."""
+        k = self.spec.num_experts if mode == "all" else self.native_k
+        for _, router in self.routers:
+            router.top_k = k
+        self.policy = policy if mode == "policy" else None
+        if self.policy is not None:
+            rows, seq = batch.input_ids.shape
+            positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+            self.context = (batch.example_ids[:, None].expand(rows, seq).reshape(-1), positions.reshape(-1),
+                            torch.full((rows * seq,), draw, dtype=torch.long))
+
+
+def _teacher_logp(teacher, batch, vocab: int) -> torch.Tensor:
+    logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab].float()
+    return torch.log_softmax(batch.response_rows(logits), dim=-1)
+
+
+def _router_step(teacher, routing, student, batch, cfg, vocab, router_params, router_opt, world) -> float:
+    """SAR's router step, authors' style: the replicated teacher in train mode with every expert,
+    KL(p||q) on full fp32 logits with the student frozen, plus balance_weight x sum_layers cv^2 of this
+    rank's router importance; router gradients averaged over ranks (as DDP would), clipped, AdamW."""
     with torch.no_grad():
-        t_logits = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab].float()
-        t_logp = torch.log_softmax(batch.response_rows(t_logits), dim=-1)
+        s_logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab].float()
+        s_logp = torch.log_softmax(batch.response_rows(s_logits), dim=-1)
+    routing.set("all")
+    routing.kept = []
+    teacher.train()
+    try:
+        out = teacher(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    finally:
+        teacher.eval()
+        router_logits, routing.kept = routing.kept, None
+    t_logp = torch.log_softmax(batch.response_rows(out.logits[..., :vocab].float()), dim=-1)
     kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
-    ce = torch.nn.functional.nll_loss(s_logp, batch.targets[batch.loss_mask.bool()])
-    return cfg.kd.ce_weight * ce + cfg.kd.kl_weight * kl
+    mask_T1 = batch.attention_mask.reshape(-1, 1).float()
+    balance = 0.0
+    for logits_TN in router_logits:
+        importance_N = (torch.softmax(logits_TN.float(), -1) * mask_T1).sum(0)
+        balance = balance + importance_N.var(unbiased=True) / (importance_N.mean() ** 2 + 1e-10)
+    loss = kl + cfg.sar.balance_weight * balance
+    loss.backward()
+    flat = torch.cat([p.grad.flatten() for p in router_params])
+    dist.all_reduce(flat)
+    flat /= world
+    for p, g in zip(router_params, flat.split([p.numel() for p in router_params]), strict=True):
+        p.grad = g.view_as(p)
+    if cfg.sar.router_grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(router_params, cfg.sar.router_grad_clip)
+    router_opt.step()
+    router_opt.zero_grad(set_to_none=True)
+    return float(loss)
 
 
-def run_baseline(args, cfg) -> None:
+def setup_baseline(cfg):
+    """(rank, (enter, step, leave)) of the authors'-style step. Built before ds-moekd's engine in
+    `both` mode: transformers would load the models under ZeRO-3's Init once an engine exists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ds_moekd.assets import resolve_path
     from ds_moekd.dist import ParallelGroups, init_distributed
+    from ds_moekd.methods import StepContext, build_method
+    from ds_moekd.student.schedule import lr_factor
+    from ds_moekd.telemetry import Stopwatch
     from ds_moekd.train import training_data
 
     init_distributed("gloo")
@@ -110,28 +261,79 @@ def run_baseline(args, cfg) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.student.path))
     vocab = len(tokenizer)
     _, batches, _ = training_data(cfg, tokenizer, groups, torch.device("cpu"))
-    teacher = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.teacher.path), dtype=torch.float32).eval()
+    method = build_method(cfg, tokenizer)
+    teacher_path = resolve_path(cfg.teacher.path)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(resolve_path(cfg.student.path), dtype=torch.float32)
     student.config.use_cache = teacher.config.use_cache = False
+    teacher.requires_grad_(False)
+    routing = _BaselineRouting(teacher, str(teacher_path))
     ddp = torch.nn.parallel.DistributedDataParallel(student)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    step_s, tokens, losses = [], [], []
-    for _ in range(args.steps):
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, cfg.train.steps))  # as ours
+    router_params, router_opt = [], None
+    if cfg.method == "sar":
+        router_params = [router.weight for _, router in routing.routers]
+        for p in router_params:
+            p.requires_grad_(True)
+        router_opt = torch.optim.AdamW(router_params, lr=cfg.sar.router_lr, weight_decay=cfg.sar.router_weight_decay)
+        if cfg.sar.activation_checkpointing:  # the same setting as ours: recompute layers in the router backward
+            teacher.gradient_checkpointing_enable({"use_reentrant": False})
+    on_policy = cfg.method != "kd"
+    divergence = "forward_kl" if cfg.method == "kd" else cfg.gkd.divergence
+    ce_weight = cfg.kd.ce_weight if cfg.method == "kd" else cfg.gkd.ce_weight
+    div_weight = cfg.kd.kl_weight if cfg.method == "kd" else 1.0
+    linear = {"ours": None}
+
+    def enter() -> None:
+        # ZeRO-3 replaces torch's F.linear process-wide with its own autograd function when it builds the
+        # student (DeepSpeed: "this will persist"); the baseline runs with torch's own, as it would alone.
+        from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+
+        original = getattr(Init, "linear_bk", None)
+        if original is not None and F.linear is not original:
+            linear["ours"] = F.linear
+            F.linear = original
+
+    def leave() -> None:
+        if linear["ours"] is not None:
+            F.linear, linear["ours"] = linear["ours"], None
+
+    def step_fn(step: int, phases: dict) -> tuple[float, float]:
         batch = next(batches)
-        dist.barrier()
-        start = time.perf_counter()
-        loss = _baseline_loss(ddp, teacher, batch, cfg, vocab)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dist.barrier()
-        step_s.append(time.perf_counter() - start)
-        totals = torch.tensor([float(batch.num_tokens), loss.item() / groups.world_size], dtype=torch.float64)
-        dist.all_reduce(totals)
-        tokens.append(int(totals[0]))
-        losses.append(float(totals[1]))
-    _record(args, groups.rank, step_s, tokens, losses)
+        watch = Stopwatch()
+        watch.totals = phases
+        if on_policy:  # the plain student's rollouts (DDP's module), the same sampler and keys as ours
+            batch = method.responses(batch, StepContext(ddp, teacher, groups, vocab, step, watch))
+        for _ in range(cfg.sar.router_steps if cfg.method == "sar" else 0):
+            with watch.time("router_s"):
+                _router_step(teacher, routing, student, batch, cfg, vocab, router_params, router_opt,
+                             groups.world_size)
+        with watch.time("teacher_s"), torch.no_grad():
+            if cfg.method == "ka":
+                policy = method.teacher_targets(step).routing
+                t_logps = []
+                for draw in range(cfg.ka.draws):  # M sequential forwards
+                    routing.set("policy", policy, batch, draw)
+                    t_logps.append(_teacher_logp(teacher, batch, vocab))
+            else:
+                routing.set("all" if cfg.method in ("all", "sar") else "native")
+                t_logps = [_teacher_logp(teacher, batch, vocab)]
+        with watch.time("student_s"):
+            logits = ddp(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab].float()
+            s_logp = torch.log_softmax(batch.response_rows(logits), dim=-1)
+            div = sum(_divergence(divergence, s_logp, t, cfg.gkd.beta) for t in t_logps) / len(t_logps)
+            loss = div_weight * div
+            if ce_weight:
+                loss = loss + ce_weight * F.nll_loss(s_logp, batch.targets[batch.loss_mask.bool()])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+        return float(batch.num_tokens), loss.item() / groups.world_size
+
+    return groups.rank, (enter, step_fn, leave)
 
 
 def main(argv=None) -> None:
@@ -141,11 +343,17 @@ def main(argv=None) -> None:
     from ds_moekd.dist import shutdown
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.method != "kd":
-        raise SystemExit(f"bench e2e: method {cfg.method!r} has no authors'-style baseline yet (kd only; "
-                         "docs/scale-out.md says what the on-policy baselines need)")
+    if cfg.method not in METHODS:
+        raise SystemExit(f"bench e2e: method {cfg.method!r} has no authors'-style baseline (one of {METHODS})")
     try:
-        (run_ours if args.system == "ours" else run_baseline)(args, cfg)
+        steppers = {}
+        if args.system in ("baseline", "both"):
+            rank, steppers["baseline"] = setup_baseline(cfg)
+        if args.system in ("ours", "both"):
+            rank, steppers["ours"] = setup_ours(cfg)
+        if args.system == "both":
+            steppers = {"ours": steppers["ours"], "baseline": steppers["baseline"]}
+        _run(steppers, args, rank)
     finally:
         shutdown()
 

@@ -24,6 +24,7 @@ from ds_moekd.losses import global_token_count
 from ds_moekd.methods.base import StepContext, TeacherTargets
 from ds_moekd.methods.gkd import OnPolicyDistillation
 from ds_moekd.routing import AllExperts
+from ds_moekd.student.rollout import partitioned_parameters
 from ds_moekd.teacher.router_training import RouterTrainer, balance_loss, teacher_side_kl
 
 EXPORT_DIR = "sar_teacher_hf"
@@ -67,7 +68,8 @@ class StudentAwareRouter(OnPolicyDistillation):
                                 output_hidden_states=True, logits_to_keep=batch.no_logits())
             student_NH = batch.response_rows(out.hidden_states[-1])
             head = engine.module.get_output_embeddings().weight
-            with deepspeed.zero.GatheredParameters([head], enabled=hasattr(head, "ds_id")):
+            # a persistent head is whole already, and leaving the context would partition it (rollout.py)
+            with deepspeed.zero.GatheredParameters([head], enabled=bool(partitioned_parameters([head]))):
                 student_head_VH = head[: ctx.vocab].detach().clone()
         teacher.train()
         try:

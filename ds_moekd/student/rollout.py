@@ -56,18 +56,34 @@ def generation_model(engine, mode: str, groups: ParallelGroups):
         module.train(was_training)
 
 
+def partitioned_parameters(params) -> list:
+    """The ZeRO-3 parameters a `GatheredParameters` context needs: all but the persistent ones that
+    are whole on this rank already (a persistent parameter is fetched at its first forward, so
+    before the first step it may still be partitioned)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in params if hasattr(p, "ds_id")
+            and not (getattr(p, "ds_persist", False) and p.ds_status == ZeroParamStatus.AVAILABLE)]
+
+
 @contextlib.contextmanager
 def whole_student(engine):
     """The ZeRO-3 student gathered whole, its ZeRO-3 hooks off. DeepSpeed's own
     `unwrap_model_for_generation` leaves the top module's start-of-forward hook on; until ZeRO has
     traced a full step that hook checks the module order across ranks (a collective), which ranks
     decoding different numbers of steps would deadlock on. So it comes off too, and goes back first,
-    in its original order."""
+    in its original order.
+
+    Only the partitioned parameters are gathered: leaving a `GatheredParameters` context partitions
+    every parameter it holds, persistent ones included (DeepSpeed 0.19), and a persistent parameter
+    is not whole again until the step's end, so each rollout made the following forward and backward
+    fetch every small parameter one all-gather at a time."""
     import deepspeed
 
     offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
     module = offload.module
-    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+    partitioned = partitioned_parameters(module.parameters())
+    with deepspeed.zero.GatheredParameters(partitioned, enabled=bool(partitioned)):
         start_of_forward = module._forward_pre_hooks[offload.fwd_pre_hook.id]
         offload.fwd_pre_hook.remove()
         for hook in offload.forward_hooks + offload.backward_hooks:

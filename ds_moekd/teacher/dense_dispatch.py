@@ -5,7 +5,9 @@ all-gathers its tokens and their gate weights, every rank runs its local experts
 as dense GEMMs (a dropped expert is a zero weight), and a reduce-scatter sums the weighted
 outputs back to the tokens' home ranks. Ranks may hold different token counts (ragged on-policy
 batches): each pads to the group maximum with zero rows, whose zero gate weights contribute
-nothing. Both collectives are autograd functions (the backward of an all-gather is a
+nothing. The maximum is the same for every MoE layer of a forward, so the teacher finds it once
+per forward (`ep_max_tokens`) and hands it in; tokens and gate weights travel in one all-gather
+when they share a dtype, so a layer makes two collectives. Both collectives are autograd functions (the backward of an all-gather is a
 reduce-scatter and vice versa), so SAR's router gradient flows through them. Memory is
 O(E_p * T_max * (H + N)) plus the expert FFN's own activations: linear in tokens, no
 tokens x tokens x experts mask.
@@ -56,6 +58,13 @@ class _ReduceScatterPadded(torch.autograd.Function):
         return grad_RD, None, None, None, None
 
 
+def ep_max_tokens(tokens: int, ep_group: dist.ProcessGroup | None, device: torch.device) -> int:
+    """The most tokens any rank of the EP group holds (one all-reduce; every rank must call it)."""
+    max_tokens_1 = torch.tensor([tokens], device=device)
+    dist.all_reduce(max_tokens_1, op=dist.ReduceOp.MAX, group=ep_group)
+    return int(max_tokens_1.item())
+
+
 def dispatch_dense(
     x_TH: torch.Tensor,
     gate_weights_TN: torch.Tensor,
@@ -64,11 +73,13 @@ def dispatch_dense(
     ep_rank: int,
     ep_group: dist.ProcessGroup | None,
     expert_ffn: DenseExpertFFN,
+    max_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_e g[t, e] * expert_e(x[t]) `[T, H]` for this rank's tokens, and this rank's expert load.
 
     `gate_weights_TN` holds every expert's weight (0 for an expert a token does not use); the
     load `[E_local]` counts the tokens (of all EP ranks) with a nonzero weight on each local expert.
+    `max_tokens`: the most tokens any rank of the EP group holds (None: found here, one more collective).
     """
     num_experts = gate_weights_TN.shape[1]
     local = num_experts // ep_size
@@ -76,12 +87,18 @@ def dispatch_dense(
     if ep_size == 1:
         return expert_ffn(x_TH, gate_weights_TN), (gate_weights_TN != 0).sum(dim=0)
     tokens = x_TH.shape[0]
-    max_tokens_1 = torch.tensor([tokens], device=x_TH.device)
-    dist.all_reduce(max_tokens_1, op=dist.ReduceOp.MAX, group=ep_group)
-    max_tokens = int(max_tokens_1.item())
-    all_x_RH = _AllGatherPadded.apply(x_TH, max_tokens, ep_size, ep_group)
+    if max_tokens is None:
+        max_tokens = ep_max_tokens(tokens, ep_group, x_TH.device)
+    if max_tokens == 0:  # no rank has tokens: nothing to exchange
+        return x_TH.new_zeros(x_TH.shape), torch.zeros(local, dtype=torch.long, device=x_TH.device)
     # All N columns: each rank needs a different column slice of every rank's tokens; one gather serves all.
-    all_g_RN = _AllGatherPadded.apply(gate_weights_TN, max_tokens, ep_size, ep_group)
+    if gate_weights_TN.dtype == x_TH.dtype:
+        hidden = x_TH.shape[1]
+        all_xg_RD = _AllGatherPadded.apply(torch.cat([x_TH, gate_weights_TN], dim=1), max_tokens, ep_size, ep_group)
+        all_x_RH, all_g_RN = all_xg_RD[:, :hidden], all_xg_RD[:, hidden:]
+    else:
+        all_x_RH = _AllGatherPadded.apply(x_TH, max_tokens, ep_size, ep_group)
+        all_g_RN = _AllGatherPadded.apply(gate_weights_TN, max_tokens, ep_size, ep_group)
     local_g_RE = all_g_RN[:, columns]
     partial_RH = expert_ffn(all_x_RH, local_g_RE)
     out_TH = _ReduceScatterPadded.apply(partial_RH, tokens, max_tokens, ep_size, ep_group)

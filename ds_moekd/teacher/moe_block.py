@@ -21,7 +21,7 @@ from ds_moekd.dist import ParallelGroups
 from ds_moekd.kernels import dense_experts, grouped_experts
 from ds_moekd.rng import NOISE_SLOT_BASE, CounterKey, counter_normal
 from ds_moekd.routing import RouterSpec, RoutingContext, RoutingPolicy
-from ds_moekd.teacher.dense_dispatch import dispatch_dense
+from ds_moekd.teacher.dense_dispatch import dispatch_dense, ep_max_tokens
 from ds_moekd.teacher.diagnostics import GateDiagnostics, gate_diagnostics
 from ds_moekd.teacher.dispatch import dispatch_sparse
 
@@ -43,6 +43,9 @@ class ActiveRouting:
     importance: list[torch.Tensor] | None = None
     # (seed, step) of the gate noise in train mode (families with noisy gates, SAR's router step)
     noise_key: tuple[int, int] | None = None
+    # The most tokens any rank of the EP group holds in this forward: the same for every MoE layer,
+    # so the first layer finds it (one all-reduce) and the others reuse it.
+    ep_max_tokens: int | None = None
 
 
 class ExpertParallelMoE(nn.Module):
@@ -105,6 +108,8 @@ class ExpertParallelMoE(nn.Module):
             active.diagnostics.append(
                 gate_diagnostics(self.layer_index, logits_TN, router, expert_ids_TK, active.token_mask_T)
             )
+        if self.groups.ep_size > 1 and active.ep_max_tokens is None:
+            active.ep_max_tokens = ep_max_tokens(x_TH.shape[0], self.groups.ep_group, x_TH.device)
         if 2 * expert_ids_TK.shape[1] > router.num_experts:
             self._log_path("dense all-gather/reduce-scatter")
             gate_weights_TN = torch.zeros_like(logits_TN, dtype=weights_TK.dtype).scatter(
@@ -117,6 +122,7 @@ class ExpertParallelMoE(nn.Module):
                 ep_rank=self.groups.ep_rank,
                 ep_group=self.groups.ep_group,
                 expert_ffn=self._local_experts_dense,
+                max_tokens=active.ep_max_tokens,
             )
         else:
             if logits_TN.requires_grad:
@@ -134,6 +140,8 @@ class ExpertParallelMoE(nn.Module):
                 ep_size=self.groups.ep_size,
                 ep_group=self.groups.ep_group,
                 expert_ffn=self._local_experts_grouped,
+                ep_rank=self.groups.ep_rank,
+                max_tokens=active.ep_max_tokens,
             )
         if self._shared_name is not None:
             shared_TH = getattr(self, self._shared_name)(x_TH)

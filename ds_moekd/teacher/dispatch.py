@@ -34,6 +34,12 @@ GATHERED_MAX_BYTES = 256 * 1024
 ExpertFFN = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def gathered_fits(x_TH: torch.Tensor, top_k: int, ep_size: int, max_tokens: int | None) -> bool:
+    """Whether `dispatch_sparse` takes the gathered path (module docstring)."""
+    return (ep_size > 1 and max_tokens is not None and ep_size <= top_k
+            and max_tokens * x_TH.shape[1] * x_TH.element_size() <= GATHERED_MAX_BYTES)
+
+
 def dispatch_sparse(
     x_TH: torch.Tensor,
     expert_ids_TK: torch.Tensor,
@@ -54,8 +60,7 @@ def dispatch_sparse(
     the all-to-all.
     """
     top_k = expert_ids_TK.shape[1]
-    if (ep_size > 1 and max_tokens is not None and ep_size <= top_k
-            and max_tokens * x_TH.shape[1] * x_TH.element_size() <= GATHERED_MAX_BYTES):
+    if gathered_fits(x_TH, top_k, ep_size, max_tokens):
         return dispatch_gathered(x_TH, expert_ids_TK, weights_TK, num_experts=num_experts, ep_size=ep_size,
                                  ep_rank=ep_rank, ep_group=ep_group, expert_ffn=expert_ffn, max_tokens=max_tokens)
     flat_ids_A = expert_ids_TK.reshape(-1)

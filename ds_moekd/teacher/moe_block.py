@@ -6,7 +6,8 @@ routing policy and per-token keys of the current forward are set on the block by
 `MoETeacher.forward` (`active`) rather than passed as arguments.
 
 Dispatch: a policy choosing more than half of the experts per token (ALL, KA with K = N-1, SAR)
-runs the dense all-gather/reduce-scatter path; fewer (native top-k), the sparse all-to-all path.
+runs the dense all-gather/reduce-scatter path; fewer (native top-k), the sparse path: an
+all-to-all, or for small payloads with EP <= K a gathered all-gather/reduce-scatter (dispatch.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ds_moekd.rng import NOISE_SLOT_BASE, CounterKey, counter_normal
 from ds_moekd.routing import RouterSpec, RoutingContext, RoutingPolicy
 from ds_moekd.teacher.dense_dispatch import dispatch_dense, ep_max_tokens
 from ds_moekd.teacher.diagnostics import GateDiagnostics, gate_diagnostics
-from ds_moekd.teacher.dispatch import dispatch_sparse
+from ds_moekd.teacher.dispatch import dispatch_sparse, gathered_fits
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,8 @@ class ExpertParallelMoE(nn.Module):
                     f"uses more than half of the {router.num_experts} experts, e.g. AllExperts); the sparse "
                     "all-to-all path has no backward"
                 )
-            self._log_path("sparse all-to-all")
+            gathered = gathered_fits(x_TH, expert_ids_TK.shape[1], self.groups.ep_size, active.ep_max_tokens)
+            self._log_path("sparse all-gather/reduce-scatter" if gathered else "sparse all-to-all")
             out_TH, self.last_load_E = dispatch_sparse(
                 x_TH,
                 expert_ids_TK,

@@ -68,8 +68,11 @@ def default_master_port(info: RankInfo) -> int:
     """A single process takes any free loopback port (a fixed one collides with other jobs); ranks
     of a bigger job must agree without talking, so they fall back to 29500 (the launch scripts
     pick a free port and set MASTER_PORT; a port in use is reported by name, ds_moekd/errors.py)."""
-    if info.world_size > 1:
-        return 29500
+    return 29500 if info.world_size > 1 else free_loopback_port()
+
+
+def free_loopback_port() -> int:
+    """A loopback port free right now (for a job this process launches or runs alone)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -18,22 +18,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ds_moekd.dist import free_loopback_port
+
 REPO = Path(__file__).resolve().parents[2]
 SIZES = ("demo", "random-300mb")
 METHODS = ("kd", "gkd", "all", "ka", "sar")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def teacher_for(size: str, work: Path) -> str:
@@ -59,7 +54,7 @@ def run_system(system: str, method: str, args, teacher: str, work: Path, tag: st
     steps = steps or args.steps
     overrides = [f"method={method}", f"teacher.path={teacher}", f"data.micro_batch_size={args.micro_batch}",
                  f"teacher.ep_size={args.ranks}", f"train.steps={steps}", *args.overrides]
-    port = str(_free_port())
+    port = str(free_loopback_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false"}
     if env.get("DS_ACCELERATOR", "cpu") == "cpu":

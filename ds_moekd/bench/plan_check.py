@@ -6,21 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from ds_moekd.config import load_config
+from ds_moekd.dist import free_loopback_port
 from ds_moekd.plan import MIB, plan
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_overrides(name: str, out: Path, demo: Path, teacher: Path, world: int, micro_batch: int) -> list[str]:
@@ -36,7 +30,7 @@ def measure(name: str, out: Path, demo: Path, teacher: Path, world: int = 1, mic
     """Train 2 KD steps on `world` CPU ranks (EP = world); return the plan's and the measured peak (MiB)."""
     overrides = run_overrides(name, out, demo, teacher, world, micro_batch)
     config = str(REPO / "ds_configs/methods/kd.yaml")
-    port = str(_free_port())
+    port = str(free_loopback_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo",
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     if world == 1:

@@ -5,12 +5,13 @@ interrupted comparison continues where it stopped."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ds_moekd.dist import free_loopback_port
 
 
 @dataclass(frozen=True)
@@ -23,17 +24,11 @@ class RunSpec:
         return f"{self.method}-seed{self.seed}"
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_command(spec: RunSpec, config: Path, runs_dir: Path, world_size: int, overrides: list[str]) -> list[str]:
     """The `deepspeed` launch of one run: every rank on this machine, over loopback."""
     return [
         sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_loopback_port()),
         "--module", "ds_moekd.train", "--config", str(config),
         # train.resume: a run folder left by an interrupted comparison continues from its newest
         # verified checkpoint (a folder holding a run is refused otherwise, docs/reliability.md)

@@ -44,7 +44,7 @@ def measure(tokens: int) -> dict:
     )
     x_BSH = torch.randn(1, tokens, HIDDEN)
     zeros_T = torch.zeros(tokens, dtype=torch.long)
-    block.active = ActiveRouting(AllExperts(), zeros_T, torch.arange(tokens), zeros_T, torch.ones(tokens))
+    block.active = ActiveRouting(AllExperts(), zeros_T, torch.arange(tokens), zeros_T)
     with torch.no_grad():
         block(x_BSH[:, :8])  # warm up lazy allocations outside the measured window
         outputs = []

@@ -143,8 +143,9 @@ def reference_router_step(teacher, student, batch, balance_weight):
                      sequence_index=batch.example_ids, noise_key=(SEED, STEP)).logits
     log_p = F.log_softmax(batch.response_rows(logits).float(), -1)
     kl = (log_p.exp() * (log_p - log_q)).sum() / batch.loss_mask.sum()
-    mask = batch.attention_mask.reshape(-1, 1).float()
-    importances = [(torch.softmax(g.float(), -1) * mask).sum(0) for g in gate_logits]
+    # the teacher's MoE blocks route real tokens only: each gate saw exactly those
+    assert all(g.shape[0] == int(batch.attention_mask.sum()) for g in gate_logits)
+    importances = [torch.softmax(g.float(), -1).sum(0) for g in gate_logits]
     balance = sum(i.var() / (i.mean() ** 2 + 1e-10) for i in importances)
     (kl + balance_weight * balance).backward()
     for h in hooks:

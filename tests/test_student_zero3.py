@@ -215,3 +215,70 @@ def test_zero3_student_loads_only_its_partition(rank_pool2, tmp_path):
         assert sum(local for _, local, _ in held) < 0.6 * sum(total for _, _, total in held)
         for name, tensor in reference.state_dict().items():
             torch.testing.assert_close(full[name], tensor, msg=name)  # the checkpoint's values, gathered
+
+
+def _steps_counting_post_step_gathers(model_dir, coalesce: bool | None, steps: int = 3):
+    """AdamW steps of a student with persistent and partitioned parameters; the all-gathers each
+    `engine.step()` makes. coalesce None: the engine as build_student_engine makes it."""
+    import deepspeed
+
+    from ds_moekd.student.persistent_gather import coalesce_persistent_gather
+
+    rank = dist.get_rank()
+    groups = ParallelGroups.create(ep_size=1)
+    cfg = run_config(model_dir, "sft", gas=1, lr=3e-3)
+    batches = make_batches(5, [3, 2])
+    if coalesce is None:
+        repo_config = str(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_cpu.json")
+        cfg = dataclasses.replace(cfg, student=StudentConfig(path=str(model_dir), deepspeed_config=repo_config))
+        engine = build_student_engine(model_dir, cfg, world_size=groups.world_size)
+    else:
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10**9,
+            # 32x32 projections and the embeddings stay partitioned; smaller matrices and norms persist
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 1000},
+            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "torch_adam": True}},
+        }
+        model = tiny_llama(0)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        if coalesce:
+            assert coalesce_persistent_gather(engine.optimizer)
+    persistent = len(engine.optimizer.persistent_parameters)
+    counted = []
+    # DeepSpeed holds its own reference to torch's all_gather_into_tensor; both that and ours end in
+    # c10d's all_gather_single, which is looked up at call time
+    c10d = dist.distributed_c10d
+    original = c10d.all_gather_single
+
+    def counting(*args, **kwargs):
+        counted[-1] += 1
+        return original(*args, **kwargs)
+
+    for _ in range(steps):
+        loss = engine(input_ids=batches[rank].input_ids, attention_mask=batches[rank].attention_mask,
+                      labels=batches[rank].input_ids).loss
+        engine.backward(loss)
+        counted.append(0)
+        c10d.all_gather_single = counting
+        try:
+            engine.step()
+        finally:
+            c10d.all_gather_single = original
+    return {"params": full_params(engine), "gathers_per_step": counted, "persistent": persistent}
+
+
+def test_persistent_parameters_are_gathered_in_one_exchange_with_the_same_result(rank_pool2, tmp_path):
+    model_dir = tmp_path / "student"
+    tiny_llama(0).save_pretrained(model_dir)
+    per_param, coalesced, repo = (rank_pool2.run(_steps_counting_post_step_gathers, model_dir, c)
+                                  for c in (False, True, None))
+    persistent = per_param[0]["persistent"]
+    assert 2 <= persistent < len(per_param[0]["params"])  # a mix of persistent and partitioned parameters
+    assert per_param[0]["gathers_per_step"] == [persistent] * 3  # DeepSpeed: one exchange per parameter
+    assert coalesced[0]["gathers_per_step"] == [1] * 3
+    for rank in (0, 1):  # the same bytes, bit for bit, after three AdamW steps
+        for name, value in per_param[rank]["params"].items():
+            assert torch.equal(value, coalesced[rank]["params"][name]), name
+    # the shipped CPU config keeps the whole tiny student persistent: one exchange instead of all of them
+    assert repo[0]["persistent"] == len(repo[0]["params"])
+    assert repo[0]["gathers_per_step"] == [1] * 3

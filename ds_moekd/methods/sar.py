@@ -49,7 +49,9 @@ class StudentAwareRouter(OnPolicyDistillation):
                                          weight_decay=self.sar.router_weight_decay,
                                          grad_clip=self.sar.router_grad_clip, dp_group=groups.dp_group)
             if self.sar.activation_checkpointing:
-                teacher.model.gradient_checkpointing_enable({"use_reentrant": False})  # train mode only
+                # train mode only. A recomputed EP layer runs collectives, so every rank recomputes whole
+                # layers: torch's early stop would end where this rank's saved tensors do.
+                teacher.model.gradient_checkpointing_enable({"use_reentrant": False, "early_stop": False})
             if self._resumed_state is not None:
                 self.trainer.load_state_dict(self._resumed_state)
         return self.trainer

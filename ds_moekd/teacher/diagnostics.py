@@ -31,17 +31,16 @@ def gate_diagnostics(
     logits_TN: torch.Tensor,
     router: RouterSpec,
     expert_ids_TK: torch.Tensor,
-    token_mask_T: torch.Tensor,
 ) -> GateDiagnostics:
+    """Diagnostics of one layer's routing of T real tokens (the MoE block routes no padding)."""
     with torch.no_grad():
-        real_T = token_mask_T.bool()
         probs_TN = router.probabilities(logits_TN)
         native_TK = router.select_top(router.scores(logits_TN), router.top_k, group_limited=True)
         unrouted_T = 1.0 - probs_TN.gather(-1, native_TK).sum(dim=-1)
-        load_N = torch.bincount(expert_ids_TK[real_T].reshape(-1), minlength=router.num_experts)
+        load_N = torch.bincount(expert_ids_TK.reshape(-1), minlength=router.num_experts)
         return GateDiagnostics(
             layer_index=layer_index,
-            tokens=int(real_T.sum()),
-            unrouted_mass_sum=float(unrouted_T[real_T].double().sum()),
+            tokens=expert_ids_TK.shape[0],
+            unrouted_mass_sum=float(unrouted_T.double().sum()),
             load_N=load_N.cpu(),
         )

@@ -148,12 +148,22 @@ class MoETeacher(nn.Module):
             key_positions_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)[:, -seq:]
         sequences = sequence_index if sequence_index is not None else torch.arange(batch, device=device)
         draws = draw_index if draw_index is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        real_P = mask_BS[:, -seq:].reshape(-1).bool()
+        # Under autograd (SAR's router step) every rank builds the same graph, padding or not: the
+        # engine orders the backward's collectives and checkpoint recomputes by graph structure.
+        all_real = not torch.is_grad_enabled() and bool(real_P.all())
+        real_T = None if all_real else real_P.nonzero()[:, 0]
+
+        def real(keys_BS: torch.Tensor) -> torch.Tensor:
+            keys_P = keys_BS.reshape(-1)
+            return keys_P if real_T is None else keys_P[real_T]
+
         active = ActiveRouting(
             policy=NativeTopK() if routing is None else routing,
-            sequence_T=sequences.to(device)[:, None].expand(batch, seq).reshape(-1),
-            position_T=key_positions_BS.reshape(-1),
-            draw_T=draws.to(device)[:, None].expand(batch, seq).reshape(-1),
-            token_mask_T=mask_BS[:, -seq:].reshape(-1),
+            sequence_T=real(sequences.to(device)[:, None].expand(batch, seq)),
+            position_T=real(key_positions_BS),
+            draw_T=real(draws.to(device)[:, None].expand(batch, seq)),
+            real_T=real_T,
             diagnostics=[] if return_gate_diagnostics else None,
             importance=[] if return_router_importance else None,
             noise_key=noise_key,

@@ -8,6 +8,10 @@ routing policy and per-token keys of the current forward are set on the block by
 Dispatch: a policy choosing more than half of the experts per token (ALL, KA with K = N-1, SAR)
 runs the dense all-gather/reduce-scatter path; fewer (native top-k), the sparse path: an
 all-to-all, or for small payloads with EP <= K a gathered all-gather/reduce-scatter (dispatch.py).
+
+Only real tokens are routed: padding positions feed no real token (attention masks them as keys,
+and their own outputs are never read), so their router, expert and exchange work is skipped and
+their MoE output is zero (docs/scale-out.md, "Padding").
 """
 
 from __future__ import annotations
@@ -31,13 +35,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ActiveRouting:
-    """Routing of one teacher forward: the policy and each token's keys (flattened batch order)."""
+    """Routing of one teacher forward: the policy and the keys of each real token (T: the real
+    tokens, in flattened batch order)."""
 
     policy: RoutingPolicy
     sequence_T: torch.Tensor
     position_T: torch.Tensor
     draw_T: torch.Tensor
-    token_mask_T: torch.Tensor  # 1 for real tokens, 0 for padding (diagnostics, importance)
+    # Where the real tokens sit in the flattened batch; None when every position is real.
+    real_T: torch.Tensor | None = None
     diagnostics: list[GateDiagnostics] | None = None  # filled in layer order when not None
     # Per layer, each expert's router probability summed over real tokens `[N]` (SAR's balance
     # loss), differentiable; filled in layer order when not None.
@@ -97,18 +103,16 @@ class ExpertParallelMoE(nn.Module):
                 "call the teacher, not its inner transformers model, so a routing policy is set"
             )
         active = self.active
-        x_TH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])
+        x_PH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1])  # every position, padding included
+        x_TH = x_PH if active.real_T is None else x_PH.index_select(0, active.real_T)
         logits_TN = self._gate_logits(x_TH, active)
         router = self.router.for_layer(getattr(self.gate, "e_score_correction_bias", None))
         context = RoutingContext(self.layer_index, active.sequence_T, active.position_T, active.draw_T)
         expert_ids_TK, weights_TK = active.policy.route(logits_TN, router, context)
         if active.importance is not None:
-            mask_T1 = active.token_mask_T[:, None].to(torch.float32)
-            active.importance.append((router.probabilities(logits_TN) * mask_T1).sum(dim=0))
+            active.importance.append(router.probabilities(logits_TN).float().sum(dim=0))
         if active.diagnostics is not None:
-            active.diagnostics.append(
-                gate_diagnostics(self.layer_index, logits_TN, router, expert_ids_TK, active.token_mask_T)
-            )
+            active.diagnostics.append(gate_diagnostics(self.layer_index, logits_TN, router, expert_ids_TK))
         if self.groups.ep_size > 1 and active.ep_max_tokens is None:
             active.ep_max_tokens = ep_max_tokens(x_TH.shape[0], self.groups.ep_group, x_TH.device)
         if 2 * expert_ids_TK.shape[1] > router.num_experts:
@@ -150,6 +154,8 @@ class ExpertParallelMoE(nn.Module):
             if self._shared_gate_name is not None:
                 shared_TH = torch.sigmoid(getattr(self, self._shared_gate_name)(x_TH)) * shared_TH
             out_TH = out_TH + shared_TH
+        if active.real_T is not None:  # padding positions get zeros
+            out_TH = x_PH.new_zeros(x_PH.shape).index_copy(0, active.real_T, out_TH)
         return out_TH.view_as(hidden_BSH)
 
     def _gate_logits(self, x_TH: torch.Tensor, active: ActiveRouting) -> torch.Tensor:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from ds_moekd.dist import reduce_scatter_sum
+
 # (all tokens [R, H], their gate weights for the local experts [R, E_local]) -> weighted sum [R, H]
 DenseExpertFFN = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -37,7 +39,7 @@ class _AllGatherPadded(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RD):
         grad_MD = grad_RD.new_empty(ctx.max_tokens, grad_RD.shape[1])
-        dist.reduce_scatter_tensor(grad_MD, grad_RD.contiguous(), op=dist.ReduceOp.SUM, group=ctx.group)
+        reduce_scatter_sum(grad_MD, grad_RD, ctx.group)
         return grad_MD[: ctx.tokens], None, None, None
 
 
@@ -46,7 +48,7 @@ class _ReduceScatterPadded(torch.autograd.Function):
     def forward(ctx, y_RD, tokens, max_tokens, ep_size, group):
         ctx.tokens, ctx.max_tokens, ctx.ep_size, ctx.group = tokens, max_tokens, ep_size, group
         mine_MD = y_RD.new_empty(max_tokens, y_RD.shape[1])
-        dist.reduce_scatter_tensor(mine_MD, y_RD.contiguous(), op=dist.ReduceOp.SUM, group=group)
+        reduce_scatter_sum(mine_MD, y_RD, group)
         return mine_MD[:tokens]
 
     @staticmethod

@@ -16,7 +16,8 @@ reduce-scatter sums the weighted outputs back to the tokens' ranks: two exchange
 A token's experts are summed in ascending expert order either way. It pays only while a layer's
 exchange is latency-bound: measured on 2 CPU ranks over gloo, one teacher forward interleaved
 with the all-to-all's, it took 0.93x the time at the demo's size (~450 tokens x hidden 128 per
-rank) but 1.10x at hidden 512 (gloo's reduce-scatter moves and sums the whole padded buffer).
+rank) but 1.10x at hidden 512, where the reduce-scatter moves and sums the whole padded buffer
+(still ~1.0x with the cheaper gloo reduce-scatter of `ds_moekd.dist.reduce_scatter_sum`).
 So it runs only for payloads up to `GATHERED_MAX_BYTES` per rank.
 """
 
@@ -26,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from ds_moekd.dist import reduce_scatter_sum
 
 # The gathered path's limit on one rank's padded tokens (max tokens x hidden x element size).
 GATHERED_MAX_BYTES = 256 * 1024
@@ -162,6 +165,5 @@ def dispatch_gathered(
     weighted_AH = (y_AH.float() * w_RK.reshape(-1)[assignment_A, None]).to(x_TH.dtype)
     partial_RH = x_TH.new_zeros(ep_size * max_tokens, hidden)
     partial_RH.index_add_(0, row_of_A, weighted_AH)
-    out_MH = x_TH.new_empty(max_tokens, hidden)
-    dist.reduce_scatter_tensor(out_MH, partial_RH, op=dist.ReduceOp.SUM, group=ep_group)
+    out_MH = reduce_scatter_sum(x_TH.new_empty(max_tokens, hidden), partial_RH, ep_group)
     return out_MH[:tokens], load_E

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from transformers import DynamicCache
 
 from ds_moekd.rng import Sampling, sample_tokens
+from ds_moekd.zero3_linear import torch_linear
 
 
 # no_grad, not inference_mode: synced validation decodes with the live ZeRO-3 module, and parameters
@@ -69,8 +70,9 @@ def decode_ids(
             out = model(ids_BS, mask_BS, position_ids_BS, routing=routing, sequence_index=keys_B, cache=cache,
                         logits_to_keep=1)
         else:
-            out = model(input_ids=ids_BS, attention_mask=mask_BS, position_ids=position_ids_BS, cache=cache,
-                        use_cache=True, logits_to_keep=1)
+            with torch_linear():
+                out = model(input_ids=ids_BS, attention_mask=mask_BS, position_ids=position_ids_BS, cache=cache,
+                            use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     logits_BV = forward(input_ids_BS, position_BS)

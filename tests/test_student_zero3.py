@@ -282,3 +282,29 @@ def test_persistent_parameters_are_gathered_in_one_exchange_with_the_same_result
     # the shipped CPU config keeps the whole tiny student persistent: one exchange instead of all of them
     assert repo[0]["persistent"] == len(repo[0]["params"])
     assert repo[0]["gathers_per_step"] == [1] * 3
+
+
+def _linear_functions(model_dir):
+    import torch.nn.functional as F
+
+    from ds_moekd.student.engine import _load_student
+    from ds_moekd.zero3_linear import torch_linear
+
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
+
+    init_distributed()
+    _load_student(model_dir, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}, torch.float32)
+    before, replaced = Init.linear_bk, F.linear  # torch's own, kept by DeepSpeed; its replacement
+    with torch.no_grad(), torch_linear():
+        plain = F.linear
+    with torch_linear():  # autograd on: a checkpointed layer must recompute with the same function
+        with_grad = F.linear
+    return {"replaced": replaced is not before, "plain": plain is before, "with_grad": with_grad is replaced,
+            "restored": F.linear is replaced}
+
+
+def test_forwards_without_autograd_use_torch_linear_not_zero3s(rank_pool2, tmp_path):
+    model_dir = tmp_path / "student"
+    tiny_llama(0).save_pretrained(model_dir)
+    flags = rank_pool2.run(_linear_functions, model_dir)[0]
+    assert flags == {"replaced": True, "plain": True, "with_grad": True, "restored": True}

@@ -25,6 +25,7 @@ from ds_moekd.teacher.families import Family, check_activation, get_family
 from ds_moekd.teacher.loading import CheckpointReader, find_block_prefix, read_local_experts
 from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
 from ds_moekd.teacher.routers import make_router
+from ds_moekd.zero3_linear import torch_linear
 
 logger = logging.getLogger(__name__)
 
@@ -171,15 +172,16 @@ class MoETeacher(nn.Module):
         for block in self._moe_blocks:
             block.active = active
         try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=cache is not None,
-                output_hidden_states=output_hidden_states,
-                logits_to_keep=logits_to_keep,
-            )
+            with torch_linear():  # the teacher holds no ZeRO-3 parameters
+                out = self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    cache=cache,
+                    use_cache=cache is not None,
+                    output_hidden_states=output_hidden_states,
+                    logits_to_keep=logits_to_keep,
+                )
         finally:
             # A forward with gradients (SAR's router step) keeps its routing set: activation
             # checkpointing recomputes the MoE layers during the backward. The next forward replaces it.

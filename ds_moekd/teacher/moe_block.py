@@ -11,7 +11,7 @@ all-to-all, or for small payloads with EP <= K a gathered all-gather/reduce-scat
 
 Only real tokens are routed: padding positions feed no real token (attention masks them as keys,
 and their own outputs are never read), so their router, expert and exchange work is skipped and
-their MoE output is zero (docs/scale-out.md, "Padding").
+their MoE output is zero (docs/teacher.md, "Only real tokens are routed").
 """
 
 from __future__ import annotations

@@ -49,19 +49,22 @@ def gather_partitions(params: list) -> list:
         if hasattr(p.ds_tensor, "ds_quant_scale"):
             leftovers.append(p)
             continue
-        buckets.setdefault((id(p.ds_process_group), p.ds_tensor.dtype, p.ds_tensor.device), []).append(p)
+        buckets.setdefault((id(p.ds_process_group), p.ds_tensor.dtype), []).append(p)
     for bucket in buckets.values():
         _gather_bucket(bucket)
     return leftovers
 
 
 def _gather_bucket(params: list) -> None:
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     group = params[0].ds_process_group
     world = dist.get_world_size(group=group)
     sizes = [p.ds_tensor.numel() for p in params]  # partition sizes, padded alike on every rank
-    local_P = torch.cat([p.ds_tensor.reshape(-1) for p in params])
+    # partitions offloaded to the host gather on the accelerator, where the whole parameters live (as DeepSpeed's own)
+    device = get_accelerator().current_device_name()
+    local_P = torch.cat([p.ds_tensor.reshape(-1).to(device) for p in params])
     gathered_WP = local_P.new_empty(world, local_P.numel())
     dist.all_gather_into_tensor(gathered_WP.view(-1), local_P, group=group)
     for p, slice_WS in zip(params, gathered_WP.split(sizes, dim=1), strict=True):

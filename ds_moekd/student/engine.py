@@ -108,18 +108,17 @@ def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prep
     return engine
 
 
-def fetch_whole_layers(model) -> list[str]:
+def fetch_whole_layers(model) -> None:
     """Make ZeRO-3 fetch, release and hook each decoder layer as one unit (DeepSpeed's "leaf
     modules"), as FSDP wraps per layer, rather than each of its ~10 submodules. Every hooked module
     costs Python work in the forward and the backward; on the demo's 2-layer student that was a
     third of the student step (docs/scale-out.md). The layer classes are the model's
-    `_no_split_modules`, the unit transformers keeps whole on one device. Returns them."""
+    `_no_split_modules`, the unit transformers keeps whole on one device."""
     from deepspeed.utils import set_z3_leaf_modules
 
     layer_classes = list(getattr(model, "_no_split_modules", None) or [])
     if layer_classes:
         set_z3_leaf_modules(model, layer_classes, raise_if_not_found=False)
-    return layer_classes
 
 
 def _load_student(model_path: Path, ds_config: dict, dtype: torch.dtype):

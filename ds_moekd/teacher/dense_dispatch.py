@@ -8,9 +8,9 @@ batches): each pads to the group maximum with zero rows, whose zero gate weights
 nothing. The maximum is the same for every MoE layer of a forward, so the teacher finds it once
 per forward (`ep_max_tokens`) and hands it in; tokens and gate weights travel in one all-gather
 when they share a dtype, so a layer makes two collectives. Both collectives are autograd
-functions (the backward of an all-gather is a reduce-scatter and vice versa), so SAR's router gradient flows through them. Memory is
-O(E_p * T_max * (H + N)) plus the expert FFN's own activations: linear in tokens, no
-tokens x tokens x experts mask.
+functions (the backward of an all-gather is a reduce-scatter and vice versa), so SAR's router
+gradient flows through them. Memory is O(E_p * T_max * (H + N)) plus the expert FFN's own
+activations: linear in tokens, no tokens x tokens x experts mask.
 """
 
 from __future__ import annotations

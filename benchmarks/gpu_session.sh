@@ -22,12 +22,15 @@ if ! python3 -c "import deepspeed" 2>/dev/null; then
     "$wheels"/*.whl || exit 1
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# The source tree as the ds_moekd package (kernels/ is ds_moekd.kernels, as pyproject maps it).
+# The source tree as the ds_moekd package (kernels/ds_moekd_kernels/ is ds_moekd.kernels, as pyproject maps it).
 src="$(mktemp -d)"
 mkdir "$src/ds_moekd"
 for entry in "$repo"/ds_moekd/*; do ln -s "$entry" "$src/ds_moekd/"; done
-ln -s "$repo/kernels" "$src/ds_moekd/kernels"
+ln -s "$repo/kernels/ds_moekd_kernels" "$src/ds_moekd/kernels"
 export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
+# Without this, `python -m` puts the repo root first on sys.path and its ds_moekd/ (which has no
+# kernels/ inside) would win over the linked tree.
+export PYTHONSAFEPATH=1
 python3 - <<'PY' 2>&1 | tee "$results/environment.txt"
 import deepspeed, torch, transformers
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.is_available() and torch.cuda.get_device_name(0))

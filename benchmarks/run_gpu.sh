@@ -12,13 +12,16 @@ gpu="$(python -c 'import torch; print(torch.cuda.get_device_name(0).replace(" ",
 results="${1:-$repo/benchmarks/results/$gpu}"
 mkdir -p "$results"
 
-# The source tree as an importable package: kernels/ is installed as ds_moekd.kernels (pyproject
+# The source tree as an importable package: kernels/ds_moekd_kernels/ is installed as ds_moekd.kernels (pyproject
 # package-dir), so mirror that mapping with symlinks instead of installing the project.
 src="$(mktemp -d)"
 mkdir "$src/ds_moekd"
 for entry in "$repo"/ds_moekd/*; do ln -s "$entry" "$src/ds_moekd/"; done
-ln -s "$repo/kernels" "$src/ds_moekd/kernels"
-export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}" TRITON_DEFAULT_FP_FUSION=1
+ln -s "$repo/kernels/ds_moekd_kernels" "$src/ds_moekd/kernels"
+export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
+# Without this, `python -m` puts the repo root first on sys.path and its ds_moekd/ (which has no
+# kernels/ inside) would win over the linked tree.
+export PYTHONSAFEPATH=1 TRITON_DEFAULT_FP_FUSION=1
 
 step() {  # step NAME CMD...: run, keep its output, note failures
   local name="$1"; shift

@@ -1,12 +1,24 @@
-"""Shared fixtures: persistent CPU rank pools (spawned once per session) and the `gpu` marker."""
+"""Shared fixtures: persistent CPU rank pools (spawned once per session), the `gpu` marker and
+the two tiers.
+
+Tiers: `slow` marks every test that starts processes (rank pools, launchers, subprocesses) or runs
+a whole training; `bash tests/run.sh --quick` runs the rest (`-m "not slow"`, one process). A test
+that asks for a rank pool is marked here; in the quick tier any other attempt to start a process
+fails the test with a message saying to mark it, so the quick tier stays one process for real.
+"""
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import subprocess
 
 import pytest
 import torch
 from multirank import RankPool
+
+_POOL_FIXTURES = {"rank_pool2", "rank_pool4"}
+_LOOKUPS = {"git", "uname", "numactl", "lscpu", "nvidia-smi", "ldconfig"}
 
 # Everything in the test suite runs on DeepSpeed's CPU accelerator over loopback.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -19,12 +31,35 @@ if not torch.cuda.is_available():
 
 
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _POOL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+_real_popen_init = subprocess.Popen.__init__
+
+
+def _refuse_process(self, args=None, *rest, **kwargs):
+    # system lookups (platform's `uname -p`, the benches' git commit, DeepSpeed's numactl) are not test processes
+    command = args if isinstance(args, (list, tuple)) else str(args).split()
+    if command and os.path.basename(str(command[0])) in _LOOKUPS:
+        return _real_popen_init(self, args, *rest, **kwargs)
+    raise RuntimeError("this test starts a process: mark it @pytest.mark.slow (full tier; tests/conftest.py)")
+
+
+@pytest.fixture(autouse=True)
+def _quick_tier_starts_no_process(request, monkeypatch):
+    if os.environ.get("DS_MOEKD_TEST_TIER") != "quick" or "slow" in request.keywords:
+        return
+    monkeypatch.setattr(subprocess.Popen, "__init__", _refuse_process)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
+                        lambda self: _refuse_process(self, "multiprocessing.Process.start"))
 
 
 @pytest.fixture(scope="session")

@@ -59,23 +59,15 @@ def test_moe_layer_bench_reports_every_implementation_against_the_gemm(tmp_path)
     assert "cpu" in result["device"] and result["versions"]["torch"]
 
 
-def test_native_routing_takes_the_sparse_path():
-    moe_layer_main(
-        [
-            "--preset",
-            "tiny",
-            "--routing",
-            "native",
-            "--tokens",
-            "16",
-            "--warmup",
-            "0",
-            "--iters",
-            "1",
-            "--json",
-            "/dev/null",
-        ]
-    )
+def test_native_routing_takes_the_sparse_path(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["--preset", "tiny", "--routing", "native", "--tokens", "16", "--warmup", "0", "--iters", "1"]
+    moe_layer_main([*args, "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["ours_path"] == "sparse" and result["experts_per_token"] == 2 and result["tokens"] == 16
+    assert result["useful_gflop"] == round(2 * 16 * 2 * 3 * 128 * 256 / 1e9, 3)
+    assert result["implementations"]["ours"]["max_rel_diff_vs_ours"] == 0
+    assert result["implementations"]["python_loop"]["max_rel_diff_vs_ours"] < 1e-5
 
 
 def test_teacher_bench_swaps_in_our_experts_with_the_same_logits():

@@ -27,6 +27,7 @@ def _check(out, method):
     return ours, baseline
 
 
+@pytest.mark.slow
 def test_bench_e2e_runs_both_systems_on_the_same_batches(tmp_path, capsys):
     out = tmp_path / "e2e"
     main(["--size", "demo", "--steps", "3", "--skip", "1", "--rounds", "1", "--micro-batch", "4",
@@ -37,6 +38,7 @@ def test_bench_e2e_runs_both_systems_on_the_same_batches(tmp_path, capsys):
     assert "ours/baseline tokens/s" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_e2e_on_policy_methods_agree_on_the_first_loss(tmp_path):
     """ka and sar in one interleaved run: the same rollouts, KA's same draws, SAR's router step."""
     out = tmp_path / "e2e"

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from ds_moekd.cli import main as cli_main
 
 
+@pytest.mark.slow
 def test_loss_bench_fused_head_matches_and_holds_no_full_logits(tmp_path):
     out = tmp_path / "loss.json"
     cli_main(["bench", "loss", "--tokens", "512", "--hidden", "32", "--teacher-hidden", "48", "--vocab", "6000",

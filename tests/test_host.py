@@ -31,6 +31,7 @@ def probe(**env):
     return int(out[0]), int(out[1]), " ".join(out[2:])
 
 
+@pytest.mark.slow
 def test_threads_are_the_cores_shared_by_the_local_ranks():
     cores = len(os.sched_getaffinity(0))
     assert probe()[:2] == (cores, 1)

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 H100_SHARED_BYTES = 227 * 1024
 
 
+@pytest.mark.slow
 def test_every_kernel_compiles_for_sm90_without_a_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # interpreted kernels cannot lower
     env["TRITON_DEFAULT_FP_FUSION"] = "1"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # real processes (tests/conftest.py: full tier)
+
 PROBE = """
 import pathlib, sys
 import torch, torch.distributed as dist
@@ -24,7 +26,7 @@ import kernels
 import ds_moekd.kernels
 from ds_moekd.dist import init_distributed, shutdown
 repo = pathlib.Path(sys.argv[1]).resolve()
-shadowed = repo in pathlib.Path(kernels.__file__ or "").resolve().parents or not hasattr(kernels, "__version__")
+shadowed = repo / "kernels" in pathlib.Path(kernels.__file__ or "").resolve().parents or not hasattr(kernels, "__version__")
 info = init_distributed()
 total = torch.tensor([info.rank + 1.0])
 dist.all_reduce(total)

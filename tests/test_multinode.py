@@ -21,6 +21,8 @@ import pytest
 
 from ds_moekd.telemetry import read_metrics
 
+pytestmark = pytest.mark.slow  # real processes (tests/conftest.py: full tier)
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 3
 

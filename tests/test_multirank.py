@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from multirank import RankError, RankPool, RankTimeout
 
+pytestmark = pytest.mark.slow  # real processes (tests/conftest.py: full tier)
+
 
 def _all_reduce_rank_squares(offset: int) -> dict:
     rank = dist.get_rank()

@@ -75,6 +75,7 @@ def test_fit_smallest_ep_and_k_of_n_suggestion(capsys):
     assert "teacher expert shard" in out and "fits in 80 GiB" in out and "ka.num_selected=16" in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_plan_agrees_with_measured_peak_memory(tiny_demo, tmp_path, world):
     from ds_moekd.bench.plan_check import measure

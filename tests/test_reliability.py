@@ -112,6 +112,7 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_demo, tmp_path):
     check_model_files(tmp_path / "bin", "student.path", allow_pickle=True)
 
 
+@pytest.mark.slow
 def test_convert_writes_safetensors_with_the_same_weights(tiny_demo, tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -249,6 +250,7 @@ def _train(args: list[str], env: dict | None = None) -> subprocess.CompletedProc
                            "teacher.ep_size=0", *args], env=run_env(env), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_bad_override_is_named_as_an_override_without_a_traceback():
     done = _train(["train.steps=0"])
     assert done.returncode == EXIT_USAGE
@@ -258,6 +260,7 @@ def test_a_bad_override_is_named_as_an_override_without_a_traceback():
     assert debug.returncode == EXIT_USAGE and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 def test_malformed_data_is_named_by_file_and_line(tiny_demo, tmp_path):
     data = tmp_path / "train.jsonl"
     lines = (tiny_demo / "data" / "train.jsonl").read_text().splitlines()
@@ -267,6 +270,7 @@ def test_malformed_data_is_named_by_file_and_line(tiny_demo, tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_a_port_in_use_is_named(tiny_demo, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -278,6 +282,7 @@ def test_a_port_in_use_is_named(tiny_demo, tmp_path):
     assert f"port {port} on 127.0.0.1 is in use" in done.stderr and "MASTER_PORT" in done.stderr
 
 
+@pytest.mark.slow
 def test_eval_of_a_missing_model_folder_never_looks_up_a_hub(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ds_moekd.cli", "eval", "--model", "no/such-model", "--data",
                            "demo:data/test.jsonl", "--out", str(tmp_path / "r.json")],

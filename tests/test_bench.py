@@ -121,3 +121,21 @@ def test_ka_bench_times_batched_and_sequential_draws_against_one_all_expert_forw
         assert math.isfinite(routing[name]) and routing[name] > 0, name
     assert routing["ka_hash_values"] >= 2 * result["real_tokens"]  # KA draws at least a resample coin per token
     assert result["source"]["commit"] is None or len(result["source"]["commit"]) == 40
+
+
+def test_random_teacher_is_a_loadable_mixtral_and_is_reused(tiny_demo, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ds_moekd.bench.random_teacher import build_random_teacher
+    from ds_moekd.teacher import MoETeacher
+
+    out = build_random_teacher(tmp_path / "t", tiny_demo / "student", layers=1, hidden=32, experts=4, inter=64,
+                               heads=2)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert build_random_teacher(out, tiny_demo / "student") == out  # kept, not rebuilt
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = MoETeacher.from_pretrained(str(out)).eval()(ids).logits
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

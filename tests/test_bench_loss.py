@@ -27,3 +27,20 @@ def test_loss_bench_fused_head_matches_and_holds_no_full_logits(tmp_path):
     # the fused head holds [64, 6000] slabs
     assert full["peak_mb"] > 20
     assert impls["ours_fused"]["peak_mb"] < 0.5 * full["peak_mb"], impls
+
+
+def test_the_three_loss_implementations_agree_in_this_process():
+    """The quick tier's part: the same loss and gradient from every implementation (no memory figure:
+    a clean high-water mark needs the fresh processes of the test above)."""
+    import torch
+
+    from ds_moekd.bench.loss import IMPLEMENTATIONS, measure
+    from ds_moekd.bench.options import RunOptions
+
+    shape = {"tokens": 64, "hidden": 16, "teacher_hidden": 24, "vocab": 500}
+    opts = RunOptions(device=torch.device("cpu"), dtype=torch.float32, warmup=0, iters=1)
+    results = {name: measure(name, shape, opts, chunk=16) for name in IMPLEMENTATIONS}
+    full = results["full_logits_torch"]
+    for name, r in results.items():
+        assert r["loss"] == pytest.approx(full["loss"], rel=1e-5), name
+        assert r["grad_hidden"] == pytest.approx(full["grad_hidden"], rel=1e-4), name

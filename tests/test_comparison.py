@@ -88,3 +88,36 @@ def test_compare_trains_scores_and_reports(tiny_demo, tmp_path):
     # A second call keeps the finished runs and scores: nothing is trained again.
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("finished earlier, kept") == 4
+
+
+def test_scoring_and_report_in_one_process(tiny_demo, tmp_path):
+    """The quick tier's part of the comparison: scoring the teacher's routings and a student, and the
+    report from those scores (runs stand in for trained ones: the undistilled student, 2 seeds)."""
+    from ds_moekd.comparison.report import write_comparison_report
+    from ds_moekd.comparison.scoring import score_student, score_teacher
+    from ds_moekd.data.synthetic import read_jsonl
+
+    records = read_jsonl(tiny_demo / "data/test.jsonl")[:4]
+    teacher = score_teacher(tiny_demo / "teacher", records, max_new_tokens=4, resample_prob=0.05)
+    student = score_student(tiny_demo / "student", records, max_new_tokens=4)
+    assert set(teacher["routings"]) == {"native", "all", "ka"}
+    assert teacher["routings"]["native"]["kl_from_native"] == pytest.approx(0.0, abs=1e-6)
+    assert teacher["routings"]["all"]["kl_from_native"] > 0 and all(0 <= m <= 1 for m in teacher["gate_mass"])
+    assert 0 <= student["exact_match"] <= 100
+    runs = {}
+    for method in ("kd", "sar"):
+        for seed in (1, 2):
+            name = f"{method}-seed{seed}"
+            (tmp_path / "runs" / name).mkdir(parents=True)
+            (tmp_path / "runs" / name / "metrics.jsonl").write_text(
+                "".join(json.dumps({"step": s, "loss": 2.0 / s}) + "\n" for s in range(1, 4)))
+            runs[name] = {"name": name, "method": method, "seed": seed, "scores": student, "step_s": 0.1,
+                          "peak_memory_mb": 100.0}
+    runs["sar-seed1"]["sar_gate_mass"] = teacher["gate_mass"]
+    data = {"settings": {"methods": ["kd", "sar"], "seeds": [1, 2], "world_size": 2, "overrides": [],
+                         "eval_file": "test.jsonl", "eval_records": 4, "max_new_tokens": 4, "trained_now_s": 0},
+            "teacher": teacher, "student_before": student, "runs": runs}
+    report = write_comparison_report(data, tmp_path / "runs", tmp_path).read_text()
+    for row in ("teacher (native)", "| kd | 2 |", "| sar | 2 |", "SAR-tuned"):
+        assert row in report
+    assert all((tmp_path / png).stat().st_size > 0 for png in ("scores.png", "curves.png", "gate_mass.png"))

@@ -114,7 +114,7 @@ def uneven_eos(student, batches) -> int:
 
 def rollout_batch(student, batches, eos):
     examples, ids = [], []
-    for r in (0, 1):
+    for r in sorted(batches):
         for prompt, key in rows(batches, r):
             examples.append(TokenizedExample(prompt, reference_rollout(student, prompt, key, eos)))
             ids.append(key)
@@ -183,9 +183,9 @@ def reference_step(method, teacher_path, student_state, batches, eos, draws=1, b
 # --- the real step, 2 ranks ---------------------------------------------------------------------
 
 
-def _method_step_on_rank(method, teacher_path, student_state, batches, eos, sections, rollout):
+def _method_step_on_rank(method, teacher_path, student_state, batches, eos, sections, rollout, ep_size=2):
     rank = dist.get_rank()
-    groups = ParallelGroups.create(ep_size=2)
+    groups = ParallelGroups.create(ep_size=ep_size)
     student = tiny_student()
     student.load_state_dict(student_state)
     teacher = MoETeacher.from_pretrained(teacher_path, groups=groups)
@@ -257,6 +257,32 @@ def test_two_rank_method_step_equals_one_process_reference(rank_pool2, teachers,
             assert not torch.equal(expected, original[name]), name  # the router step moved it
             for r in results:  # both ranks hold the same updated routers
                 torch.testing.assert_close(r["routers"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method,family,sections,micro_batches", [
+    ("gkd", "mixtral", {}, [[5, 9], [2, 7]]), ("all", "mixtral", {}, [[5, 9], [2, 7]]),
+    ("ka", "mixtral", {"ka": KAConfig(resample_prob=0.5, draws=2)}, [[5, 9], [2, 7]]),
+    # SAR's router step runs per micro-batch (the authors' 1:1); the reference takes one on the batch
+    ("sar", "llama_moe", {"sar": SARConfig(balance_weight=0.5, router_grad_clip=0.0)}, [[5, 9, 2, 7]]),
+])
+def test_one_process_method_step_equals_the_reference(one_process_group, teachers, method, family, sections,
+                                                       micro_batches):
+    """The quick tier's version of the test above: one rank, EP 1, one rollout ending early."""
+    student_state = tiny_student().state_dict()
+    batches = make_batches({0: micro_batches})
+    eos = reference_rollout(tiny_student(), *rows(batches, 0)[0], None)[2]
+    draws = sections["ka"].draws if "ka" in sections else 1
+    balance = sections["sar"].balance_weight if "sar" in sections else 0.01
+    result = _method_step_on_rank(method, teachers[family], student_state, batches, eos, sections, "gather",
+                                  ep_size=1)
+    ref_loss, ref_params, ref_routers, _ = reference_step(method, teachers[family], student_state, batches, eos,
+                                                          draws, balance)
+    assert result["loss_share"] == pytest.approx(ref_loss, rel=1e-5)
+    for name, expected in ref_params.items():
+        torch.testing.assert_close(result["params"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
+    assert result["frozen_unchanged"]
+    for name, expected in (ref_routers or {}).items():
+        torch.testing.assert_close(result["routers"][name], expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _rollouts_on_rank(mode, batches, eos, student_state):

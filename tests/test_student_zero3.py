@@ -160,6 +160,19 @@ def test_two_rank_step_equals_one_rank_step_on_the_concatenated_batch(rank_pool2
     assert max(r["local"] for r in results) < 0.6 * results[0]["total"]
 
 
+@pytest.mark.parametrize("method,fused", [("kd", False), ("sft", True)])
+def test_one_process_step_equals_the_reference(one_process_group, method, fused):
+    """The quick tier's version of the test above: one rank, two uneven micro-batches."""
+    student_state, teacher_state = tiny_llama(0).state_dict(), tiny_llama(1).state_dict()
+    batches = {0: make_batches(10, [3, 1])}
+    (result,) = [_kd_step_on_rank(student_state, teacher_state, batches, method, 0.05, fused)]
+    ref_loss, ref_parts, ref_params = reference_step(student_state, teacher_state, batches[0], method, 0.05)
+    assert result["loss_share"] == pytest.approx(ref_loss, rel=1e-5)
+    assert result["parts_share"] == pytest.approx(ref_parts, rel=1e-5)
+    for name, expected in ref_params.items():
+        torch.testing.assert_close(result["params"][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def _adam_steps_on_fixed_batch(model_dir, repo_config, batches, steps):
     rank = dist.get_rank()
     groups = ParallelGroups.create(ep_size=1)

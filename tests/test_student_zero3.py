@@ -299,11 +299,10 @@ def test_persistent_parameters_are_gathered_in_one_exchange_with_the_same_result
 
 def _linear_functions(model_dir):
     import torch.nn.functional as F
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
 
     from ds_moekd.student.engine import _load_student
     from ds_moekd.zero3_linear import torch_linear
-
-    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
 
     init_distributed()
     _load_student(model_dir, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}, torch.float32)

@@ -4,7 +4,7 @@
 # The GPU image (benchmarks/gpu_image_packages.txt: Python 3.12, torch, triton, numpy, ...) lacks
 # DeepSpeed and a few pure-Python packages; this downloads them for CPython 3.12 on x86-64 Linux
 # (DeepSpeed and rouge-score publish source only: built here into pure-Python wheels, no ops
-# compiled), pins the transformers this project is tested with, and then checks that every
+# compiled), at the versions of launcher/constraints.txt, and then checks that every
 # requirement of every carried wheel is carried or in the image. Install there with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site DIR/*.whl && export PYTHONPATH=/tmp/site
 # (benchmarks/gpu_session.sh does).
@@ -15,8 +15,22 @@ python="${PYTHON:-$repo/.venv/bin/python}"
 mkdir -p "$out"
 rm -f "$out"/*.whl
 
-# Same versions as the CPU environment the suite passes in.
-version() { "$python" -c "import importlib.metadata as m; print(m.version('$1'))"; }
+# The versions the suite passes with: launcher/constraints.txt (names compared as pip does).
+lock="$repo/launcher/constraints.txt"
+version() {
+  local v
+  v="$("$python" - "$lock" "$1" <<'PY'
+import re, sys
+norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
+for line in open(sys.argv[1]):
+    name, _, ver = line.strip().partition("==")
+    if ver and norm(name) == norm(sys.argv[2]):
+        print(ver)
+PY
+)"
+  [ -n "$v" ] || { echo "gpu_wheels: $1 is not in $lock" >&2; exit 1; }
+  echo "$v"
+}
 binary=(
   "transformers==$(version transformers)" "huggingface_hub==$(version huggingface_hub)"
   "tokenizers==$(version tokenizers)" "safetensors==$(version safetensors)"
@@ -25,6 +39,7 @@ binary=(
   "typing_extensions==$(version typing_extensions)"
   "hjson==$(version hjson)" "nltk==$(version nltk)" "defusedxml==$(version defusedxml)"
   "httpx2==$(version httpx2)" "httpcore2==$(version httpcore2)" "truststore==$(version truststore)"
+  "kernels==$(version kernels)"
 )
 platforms=()
 for tag in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 manylinux1_x86_64; do

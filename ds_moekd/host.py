@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import warnings
 
 import torch
@@ -31,3 +32,21 @@ def configure_process() -> str:
     torch.set_num_threads(max(1, cores // local_ranks))
     return f"{torch.get_num_threads()} intra-op threads ({cores} cores, {local_ranks} local rank(s); " \
            "set OMP_NUM_THREADS to choose)"
+
+
+def numerics_facts() -> dict:
+    """What decides a CPU run's rounding besides the code and the package versions: the CPU, the
+    vector code paths torch and MKL take (launcher/env.sh pins them) and the intra-op threads."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "cpu": cpu or platform.processor(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkl_cbwr": os.environ.get("MKL_CBWR"),
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"),
+        "intra_op_threads": torch.get_num_threads(),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import platform
 import time
@@ -17,11 +18,19 @@ from ds_moekd.atomic import write_text
 from ds_moekd.config import RunConfig
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.heldout import evaluate_held_out
+from ds_moekd.host import numerics_facts
 from ds_moekd.models import resolve_model
 from ds_moekd.report import write_run_report
 from ds_moekd.student.engine import partitioned_parameter_counts
 from ds_moekd.student.export import export_hf
 from ds_moekd.telemetry import phase
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def _gather(obj, groups: ParallelGroups) -> list:
@@ -87,7 +96,9 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
                 "deepspeed": deepspeed.__version__,
                 "transformers": transformers.__version__,
                 "python": platform.python_version(),
+                **{name: _version(name) for name in ("accelerate", "tokenizers", "safetensors", "numpy")},
             },
+            "numerics": numerics_facts(),
             "train_wall_s": train_wall_s,
         }
         if held_out is not None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,3 +59,17 @@ def test_one_process_training_prints_no_warning_twice(tiny_demo, tmp_path):
     warnings = collections.Counter(line[line.index("Warning"):] for line in lines if "Warning:" in line)
     assert all(n == 1 for n in warnings.values()), warnings
     assert any("intra-op threads" in line for line in lines)
+
+
+def test_the_launch_environment_pins_the_cpu_code_paths():
+    """tests/run.sh sources launcher/env.sh, which pins torch's and MKL's CPU code paths to AVX2 on
+    CPUs that have it (docs/install.md, "Reproducible runs"); run.json records what was in force."""
+    from ds_moekd.host import numerics_facts
+
+    facts = numerics_facts()
+    if os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        assert facts["torch_cpu_capability"] == "AVX2" and facts["mkl_cbwr"] == "AVX2"
+    else:
+        assert os.environ.get("DS_MOEKD_CPU_ISA") == "native" or "avx2" not in open("/proc/cpuinfo").read(), \
+            "launcher/env.sh did not pin the CPU code paths on an AVX2 CPU"
+    assert facts["intra_op_threads"] == torch.get_num_threads() and facts["cpu"]

@@ -52,7 +52,8 @@ def test_run_json_reads_the_parallel_layout_from_live_objects(kd_run):
     held = [r["student_partitioned_params"] for r in run["per_rank"]]
     assert sum(held) >= run["student_total_params"] and max(held) < 0.6 * run["student_total_params"]
     assert all(r["teacher"]["expert_param_bytes"] > 0 for r in run["per_rank"])
-    assert set(run["versions"]) >= {"torch", "deepspeed", "transformers", "ds_moekd"} and run["wall_s"] > 0
+    assert set(run["versions"]) >= {"torch", "deepspeed", "transformers", "ds_moekd", "accelerate"} and run["wall_s"] > 0
+    assert run["numerics"]["intra_op_threads"] == 1 and run["numerics"]["torch_cpu_capability"]
     assert run["eval"]["before"]["examples"] == 4
 
 

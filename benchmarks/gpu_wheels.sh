@@ -39,7 +39,7 @@ binary=(
   "typing_extensions==$(version typing_extensions)"
   "hjson==$(version hjson)" "nltk==$(version nltk)" "defusedxml==$(version defusedxml)"
   "httpx2==$(version httpx2)" "httpcore2==$(version httpcore2)" "truststore==$(version truststore)"
-  "kernels==$(version kernels)"
+  "kernels==$(version kernels)" "tomlkit==$(version tomlkit)"  # transformers 5.25 imports kernels
 )
 platforms=()
 for tag in manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux_2_28_x86_64 manylinux_2_34_x86_64 manylinux1_x86_64; do

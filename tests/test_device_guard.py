@@ -54,17 +54,19 @@ class PlainEngine:
         return [self.lr]
 
 
-def _config(method: str, run_dir: Path):
+def _config(method: str, run_dir: Path, demo: str):
+    """The shipped method config on the tiny demo build (the same code path, smaller models)."""
     return load_config(REPO / "ds_configs" / "methods" / f"{method}.yaml", [
-        f"output_dir={run_dir}", "data.micro_batch_size=2", "gkd.max_new_tokens=4", "validation.every=1",
+        f"output_dir={run_dir}", f"data.train_file={demo}/data/train.jsonl", f"data.valid_file={demo}/data/valid.jsonl",
+        f"teacher.path={demo}/teacher", f"student.path={demo}/student", "data.micro_batch_size=2", "gkd.max_new_tokens=4", "validation.every=1",
         "validation.examples=4", "validation.batch_size=2", "validation.max_new_tokens=3",
         "validation.keep_best=false",
     ])
 
 
-def _steps(method: str, run_dir: str, device) -> list[float]:
+def _steps(method: str, run_dir: str, demo: str, device) -> list[float]:
     """STEPS training steps and one validation with everything on `device`; the global losses."""
-    cfg = _config(method, Path(run_dir) / str(device))
+    cfg = _config(method, Path(run_dir) / str(device), demo)
     groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.student.path))
     vocab = len(tokenizer)
@@ -90,24 +92,24 @@ def _steps(method: str, run_dir: str, device) -> list[float]:
     return losses
 
 
-def guarded_steps(method: str, run_dir: str) -> dict:
+def guarded_steps(method: str, run_dir: str, demo: str) -> dict:
     with simulated_device() as device:
-        on_device = _steps(method, run_dir, device)
-    return {"device": on_device, "cpu": _steps(method, run_dir, torch.device("cpu"))}
+        on_device = _steps(method, run_dir, demo, device)
+    return {"device": on_device, "cpu": _steps(method, run_dir, demo, torch.device("cpu"))}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "gkd", "ka", "sar"])
-def test_training_path_stays_on_the_run_device(rank_pool2, tmp_path, method):
-    results = rank_pool2.run(guarded_steps, method, str(tmp_path), timeout_s=600)
+def test_training_path_stays_on_the_run_device(rank_pool2, tiny_demo, tmp_path, method):
+    results = rank_pool2.run(guarded_steps, method, str(tmp_path), str(tiny_demo), timeout_s=600)
     for result in results:
         assert all(math.isfinite(x) for x in result["device"])
         assert result["device"] == pytest.approx(result["cpu"], rel=1e-5, abs=1e-6)
 
 
-def forgotten_move(run_dir: str) -> str:
+def forgotten_move(run_dir: str, demo: str) -> str:
     """The data stream left on the CPU while the teacher is on the device: the guard must object."""
-    cfg = _config("kd", Path(run_dir))
+    cfg = _config("kd", Path(run_dir), demo)
     groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.student.path))
     with simulated_device() as device:
@@ -122,8 +124,8 @@ def forgotten_move(run_dir: str) -> str:
 
 
 @pytest.mark.slow
-def test_the_guard_catches_a_missing_move(rank_pool2, tmp_path):
-    for message in rank_pool2.run(forgotten_move, str(tmp_path), timeout_s=300):
+def test_the_guard_catches_a_missing_move(rank_pool2, tiny_demo, tmp_path):
+    for message in rank_pool2.run(forgotten_move, str(tmp_path), str(tiny_demo), timeout_s=300):
         assert "CPU tensors" in message
 
 

@@ -39,7 +39,7 @@ class PeerHeartbeat:
     @contextmanager
     def running(cls, groups: ParallelGroups):
         """This rank's heartbeat while the block runs (None in a single process)."""
-        if groups.world_group is None:
+        if groups.world_size == 1:
             yield None
             return
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,

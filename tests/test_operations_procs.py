@@ -48,6 +48,8 @@ LAUNCHER_KILLS = {
     "deepspeed-runner-SIGTERM": ("deepspeed", "runner", signal.SIGTERM),
     "deepspeed-launch.py-SIGKILL": ("deepspeed", "deepspeed.launcher.launch", signal.SIGKILL),
     "torchrun-agent-SIGKILL": ("torchrun", "runner", signal.SIGKILL),
+    # the launch script dies without a word (SIGKILL): its mpirun and ranks are left (launcher/signals.sh)
+    "mpirun-script-SIGKILL": ("run_ranks mpirun", "runner", signal.SIGKILL),
 }
 
 
@@ -56,10 +58,13 @@ def _launch(launcher: str, overrides: list[str], log: Path) -> subprocess.Popen:
     head = {"deepspeed": [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_addr", "127.0.0.1", "--master_port", port,
                           "--module", "ds_moekd.train"],
             "torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                         "--master_port", port, "-m", "ds_moekd.train"]}[launcher]
+                         "--master_port", port, "-m", "ds_moekd.train"],
+            "run_ranks mpirun": ["bash", "-c", 'source launcher/signals.sh; run_ranks "$@"', "script",
+                                 str(BIN / "mpirun"), "-np", "2", sys.executable, "-m", "ds_moekd.train"]}[launcher]
     with open(log, "w") as out:
         return subprocess.Popen([*head, "--config", CONFIG, *overrides], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-                                env=run_env({"PATH": f"{BIN}:{os.environ['PATH']}"}), start_new_session=True)
+                                env=run_env({"PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": port}),
+                                start_new_session=True)
 
 
 @pytest.mark.parametrize("case", sorted(LAUNCHER_KILLS))

@@ -16,7 +16,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # unexpected: a bug or an unclassified failure (rerun with --debug)
 EXIT_USAGE = 2  # a config, data or model problem the user fixes
 EXIT_NUMERICS = 3  # non-finite loss / gradients beyond the policy's limit
-EXIT_HANG = 4  # the watchdog saw no progress (a stalled rank or collective)
+EXIT_HANG = 4  # the watchdog saw no progress, a collective timed out, or a rank was lost
 EXIT_ENVIRONMENT = 5  # disk full, port in use: the machine, not the inputs
 EXIT_PREEMPTED = 75  # stopped by SIGTERM/SIGINT after writing a checkpoint (EX_TEMPFAIL: resume later)
 
@@ -33,6 +33,21 @@ class NumericsError(UserError):
 
 class EnvironmentProblem(UserError):
     exit_code = EXIT_ENVIRONMENT
+
+
+class PeerLost(UserError):
+    """Another rank stopped answering (killed, crashed, or its node was lost): resume from a checkpoint."""
+
+    exit_code = EXIT_HANG
+
+
+# What a failed collective says when another rank stopped answering.
+COLLECTIVE_TIMED_OUT = ("Timed out waiting", "collective operation timeout")
+PEER_CLOSED = ("Connection closed by peer", "Connection reset by peer")
+
+
+def peer_failure(exc: BaseException) -> bool:
+    return any(s in str(exc) for s in COLLECTIVE_TIMED_OUT + PEER_CLOSED)
 
 
 class Preempted(UserError):
@@ -59,10 +74,10 @@ def classify(exc: BaseException) -> tuple[int, str]:
         port = os.environ.get("MASTER_PORT", "?")
         return EXIT_ENVIRONMENT, (f"port {port} on {os.environ.get('MASTER_ADDR', '?')} is in use (another job?); "
                                   "set MASTER_PORT to a free port, or leave it unset for a single-node launch script")
-    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("Timed out waiting", "collective operation timeout")):
+    if isinstance(exc, RuntimeError) and any(s in str(exc) for s in COLLECTIVE_TIMED_OUT):
         return EXIT_HANG, ("a collective timed out (train.collective_timeout_s): another rank stalled or died; "
                            f"resume from the last checkpoint with train.resume=true ({str(exc).splitlines()[0][-120:]})")
-    if any(s in str(exc) for s in ("Connection closed by peer", "Connection reset by peer")):
+    if any(s in str(exc) for s in PEER_CLOSED):
         return EXIT_ERROR, ("lost contact with another rank (it failed, was killed or stopped); "
                             "that rank's own message says why")
     if isinstance(exc, FileNotFoundError):

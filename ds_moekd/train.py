@@ -30,9 +30,11 @@ from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
 from ds_moekd.device import rank_device, resolve_precision, teacher_dtype
 from ds_moekd.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
-from ds_moekd.errors import Preempted, run_command
+from ds_moekd.elastic import keep_global_batch
+from ds_moekd.errors import Preempted, peer_failure, run_command
 from ds_moekd.eval.validation import Validator
 from ds_moekd.host import configure_process
+from ds_moekd.launcher_watch import LauncherWatch
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.methods import StepContext, TeacherTargets, build_method
 from ds_moekd.model_checks import check_model_files, check_teacher_vocabulary
@@ -40,9 +42,11 @@ from ds_moekd.models import resolve_model
 from ds_moekd.monitoring import monitor_sections
 from ds_moekd.monitoring import write_record as write_monitor_record
 from ds_moekd.numerics import NumericsGuard, check_finite_parameters, step_outcome
+from ds_moekd.peers import PeerHeartbeat, loss_report, lost_peer
 from ds_moekd.preemption import StopSignal
 from ds_moekd.reshard import universal_resume_config
 from ds_moekd.run_folder import check_run_folder, clear_previous_run
+from ds_moekd.run_lock import hold_run_folder
 from ds_moekd.run_record import finish_run
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.student.schedule import total_steps
@@ -194,13 +198,14 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups, device: tor
         log.info("data.packing: %d examples in %d rows", len(dataset.examples), len(packs))
     batches = rank_batches(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_rank=groups.dp_rank,
                            dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
-                           packs=packs)
+                           packs=packs, accumulation=cfg.train.gradient_accumulation_steps)
     return dataset, (batch.to(device) for batch in batches), len(packs if packs is not None else dataset.examples)
 
 
 def with_run_length(cfg: RunConfig, rows: int, groups: ParallelGroups) -> RunConfig:
     """`cfg` with `train.steps` set from `train.epochs` when epochs are given."""
-    per_epoch = micro_batches_per_epoch(rows, micro_batch_size=cfg.data.micro_batch_size, dp_size=groups.dp_size)
+    per_epoch = micro_batches_per_epoch(rows, micro_batch_size=cfg.data.micro_batch_size, dp_size=groups.dp_size,
+                                        accumulation=cfg.train.gradient_accumulation_steps)
     steps = total_steps(cfg.train.steps, cfg.train.epochs, per_epoch, cfg.train.gradient_accumulation_steps)
     if cfg.train.epochs:
         log.info("train.epochs=%d: %d optimizer steps (%d micro-batches per rank per epoch)", cfg.train.epochs,
@@ -209,10 +214,21 @@ def with_run_length(cfg: RunConfig, rows: int, groups: ParallelGroups) -> RunCon
 
 
 def train_loop(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGroups, vocab: int, validator,
-               state: dict) -> None:
+               state: dict, launchers: LauncherWatch, heartbeat: PeerHeartbeat | None) -> None:
     """Steps state["step"] + 1 .. train.steps, then the final checkpoint. All ranks stop together:
-    after a stop signal (Preempted, once the step's checkpoint is committed), on non-finite numerics
-    (NumericsError, nothing written), or through the watchdog on a stalled rank (docs/reliability.md)."""
+    after a stop signal or the loss of a launcher (Preempted, once the step's checkpoint is committed),
+    on non-finite numerics (NumericsError, nothing written), or through the watchdog on a stalled rank;
+    a rank whose peer is lost names it (PeerLost; docs/reliability.md)."""
+    try:
+        _steps(cfg, engine, teacher, method, batches, groups, vocab, validator, state, launchers, heartbeat)
+    except Exception as exc:
+        if heartbeat is None or not peer_failure(exc):
+            raise
+        raise lost_peer(heartbeat, exc, cfg.run_dir / "checkpoints") from exc
+
+
+def _steps(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGroups, vocab: int, validator,
+           state: dict, launchers: LauncherWatch, heartbeat: PeerHeartbeat | None) -> None:
     start_step, gas, ckpt_dir = state["step"], cfg.train.gradient_accumulation_steps, cfg.run_dir / "checkpoints"
     guard = NumericsGuard(cfg.train.nonfinite, cfg.train.max_skipped_steps, cfg.train.spike_factor,
                           skipped=state.get("skipped_steps", 0))
@@ -220,7 +236,8 @@ def train_loop(cfg: RunConfig, engine, teacher, method, batches, groups: Paralle
     progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
                     disable=groups.rank != 0, desc=cfg.method, dynamic_ncols=True)
     saved = start_step
-    with StopSignal() as stop, watchdog.Watchdog(cfg.train.watchdog_s, groups.rank) as dog, metrics:
+    explain = (lambda: loss_report(heartbeat, ckpt_dir)) if heartbeat is not None else None
+    with StopSignal(launchers) as stop, watchdog.Watchdog(cfg.train.watchdog_s, groups.rank, explain) as dog, metrics:
         for step in progress:
             step_start, watch = time.perf_counter(), Stopwatch()
             micro_batches = [next(batches) for _ in range(gas)]
@@ -262,14 +279,23 @@ def check_models(cfg: RunConfig, student_path, tokenizer) -> None:
 
 def train(cfg: RunConfig) -> dict:
     start_time = time.time()
+    launchers = LauncherWatch.of_this_process()  # recorded first: ranks outlive a killed launcher
     check_paths_exist(cfg)
-    check_run_folder(cfg)  # on every rank, before any rank writes (init_distributed below waits for all)
     set_collective_timeout(cfg.train.collective_timeout_s)
     threads = configure_process()
     with phase("distributed start"):
         info = init_distributed(cfg.train.dist_backend)
         setup_logging(info.rank)
         groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
+    with hold_run_folder(cfg.run_dir, groups), PeerHeartbeat.running(groups) as heartbeat:
+        check_run_folder(cfg)  # on every rank, before any rank writes
+        log.info("watching for the loss of %s", launchers)
+        return train_in_folder(cfg, info, groups, threads, start_time, launchers, heartbeat)
+
+
+def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, start_time: float,
+                    launchers: LauncherWatch, heartbeat: PeerHeartbeat | None) -> dict:
+    """The run, once this job holds its run folder (ds_moekd/run_lock.py)."""
     device = rank_device(info.local_rank)
     precision = resolve_precision(cfg.precision, device)
     log.info("world size %d (%s), teacher expert-parallel size %d, %s on %s (%s), %s", groups.world_size,
@@ -279,6 +305,9 @@ def train(cfg: RunConfig) -> dict:
     kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+    if cfg.train.resume:  # at another world size, keep the checkpoint's global batch (ds_moekd/elastic.py)
+        cfg = keep_global_batch(cfg, ckpt_dir, groups.world_size)
 
     student_path = resolve_model(cfg.student.path)
     tokenizer = AutoTokenizer.from_pretrained(student_path)
@@ -293,7 +322,6 @@ def train(cfg: RunConfig) -> dict:
     method = build_method(cfg, tokenizer)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
-    ckpt_dir = run_dir / "checkpoints"
     resume_tag = checkpoints.resume_point(ckpt_dir, groups, cfg) if cfg.train.resume else None
     # a checkpoint of another world size resumes through a universal checkpoint (ds_moekd/reshard.py)
     reshard = universal_resume_config(ckpt_dir, groups.world_size, resume_tag.name) if resume_tag else {}
@@ -306,7 +334,7 @@ def train(cfg: RunConfig) -> dict:
     for _ in range(state["step"] * cfg.train.gradient_accumulation_steps):  # the data stream continues
         next(batches)  # exactly where the checkpoint left it
     validator = Validator.create(cfg, tokenizer, groups, state["step"])  # None unless validation.every > 0
-    train_loop(cfg, engine, teacher, method, batches, groups, vocab, validator, state)
+    train_loop(cfg, engine, teacher, method, batches, groups, vocab, validator, state, launchers, heartbeat)
     method.finish(StepContext(engine, teacher, groups, vocab, cfg.train.steps, Stopwatch()), run_dir)
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 

@@ -3,7 +3,8 @@
 The training loop names what it is doing (`watchdog.phase("teacher forward")`, set through the
 step's Stopwatch) and reports progress at every step boundary. A daemon thread wakes up every
 few seconds; when neither has happened for `timeout_s`, it prints which rank, which phase and
-which step it is stuck in and ends the process with EXIT_HANG. It uses os._exit because the
+which step it is stuck in (and, through `explain`, which ranks stopped answering and the last
+committed checkpoint) and ends the process with EXIT_HANG. It uses os._exit because the
 main thread is blocked inside a collective and never returns to Python to raise anything.
 """
 
@@ -23,8 +24,8 @@ UNWATCHED = ("validation",)
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, rank: int):
-        self.timeout_s, self.rank = timeout_s, rank
+    def __init__(self, timeout_s: float, rank: int, explain=None):
+        self.timeout_s, self.rank, self.explain = timeout_s, rank, explain
         self.phase_name, self.step = "start", 0
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -50,9 +51,10 @@ class Watchdog:
         while not self._stop.wait(min(5.0, self.timeout_s / 4)):
             idle = time.monotonic() - self._last
             if idle > self.timeout_s and self.phase_name not in UNWATCHED:
+                why = f"{self.explain()}. " if self.explain else "another rank has probably stalled or died. "
                 sys.stderr.write(
                     f"\nds-moekd (rank {self.rank}): error: no progress for {idle:.0f} s in phase "
-                    f"'{self.phase_name}' (step {self.step}); another rank has probably stalled or died. "
+                    f"'{self.phase_name}' (step {self.step}); {why}"
                     f"Exiting with code {EXIT_HANG}; resume from the last checkpoint with train.resume=true "
                     "(train.watchdog_s sets this limit)\n"
                 )

@@ -3,22 +3,27 @@
 Two "nodes" are two invocations of launcher/multinode.sh on a two-host hostfile, each with
 `-- --no_ssh --node_rank N` (what nodes that cannot ssh to each other run); the teacher's EP
 group of 2 then spans both, and the losses must equal one process on the concatenated batch.
-A one-host hostfile must run without ssh and pass launcher flags through. SLURM is checked by
-rendering what `srun` would run (fake `scontrol`/`srun` on PATH: there is no SLURM here).
+A one-host hostfile must run without ssh and pass launcher flags through. When every process of
+node 1 is killed, node 0 must name the lost rank and the last checkpoint, and that checkpoint must
+resume on node 0 alone with the same global batch. SLURM is checked by rendering what `srun` would
+run (fake `scontrol`/`srun` on PATH: there is no SLURM here).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from ds_moekd.errors import EXIT_HANG
 from ds_moekd.telemetry import read_metrics
 
 pytestmark = pytest.mark.slow  # real processes (tests/conftest.py: full tier)
@@ -99,6 +104,57 @@ def test_one_host_hostfile_runs_here_and_passes_launcher_flags(tiny_demo, tmp_pa
     assert "not reachable via ssh" not in proc.stdout + proc.stderr
     assert json.loads((tmp_path / "local/run.json").read_text())["world_size"] == 2
     assert len(list(logs.glob("*.log"))) == 2  # the launcher flag after `--` reached deepspeed
+
+
+def _committed(run: Path) -> list[int]:
+    return sorted(int(p.name[4:]) for p in (run / "checkpoints").glob("step*") if (p / "manifest.json").is_file())
+
+
+@pytest.mark.slow
+def test_a_lost_node_is_named_and_its_checkpoint_resumes_on_the_remaining_node(tiny_demo, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    config = str(REPO / "ds_configs/methods/kd.yaml")
+    run, env = tmp_path / "two", _env()
+    job = [*_overrides(tiny_demo, tmp_path, "two", 3, 2), "train.steps=100000", "train.save_every=2"]
+    nodes = [subprocess.Popen(["bash", str(REPO / "launcher/multinode.sh"), str(hostfile), config, *job,
+                               "--", "--no_ssh", "--node_rank", str(rank)], cwd=tmp_path, env=env,
+                              stdout=open(tmp_path / f"node{rank}.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+             for rank in (0, 1)]
+    try:
+        while len(_committed(run)) < 2 and all(node.poll() is None for node in nodes):
+            time.sleep(0.2)
+        os.killpg(nodes[1].pid, signal.SIGKILL)  # node 1 is gone: its launcher and its rank
+        code = nodes[0].wait(timeout=120)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    text = (tmp_path / "node0.log").read_text()
+    last = _committed(run)[-1]
+    assert code == EXIT_HANG, text
+    assert "(rank 0): error: a collective failed" in text and "lost rank 1 (host " in text, text
+    assert f"the last committed checkpoint is {run}/checkpoints/step{last}: resume with train.resume=true" in text
+
+    # node 0 alone: one rank (the teacher whole on it), the same config otherwise
+    alone = tmp_path / "alone"
+    alone.write_text("localhost slots=1\n")
+    resume = [*_overrides(tiny_demo, tmp_path, "two", 3, 1), f"train.steps={last + 2}", "train.resume=true"]
+    proc = subprocess.run(["bash", str(REPO / "launcher/multinode.sh"), str(alone), config, *resume], cwd=tmp_path,
+                          env=_env(MASTER_ADDR=""), capture_output=True, text=True, timeout=600)
+    _check(proc, proc.stdout + proc.stderr, "the resume on node 0 alone")
+    assert "keeping its global batch of 6 on 1: data.micro_batch_size=3 train.gradient_accumulation_steps=2" in \
+        proc.stdout + proc.stderr
+    reference = subprocess.run([sys.executable, "-m", "ds_moekd.train", "--config", config,
+                                *_overrides(tiny_demo, tmp_path, "one", 6, 1), f"train.steps={last + 2}"],
+                               cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    _check(reference, reference.stdout + reference.stderr, "the one-process reference")
+    resumed, single = read_metrics(run / "metrics.jsonl"), read_metrics(tmp_path / "one/metrics.jsonl")
+    assert [m["step"] for m in resumed] == list(range(1, last + 3))  # the loss curve goes on where it stopped
+    for a, b in zip(resumed, single, strict=True):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), a["step"]
 
 
 def _fake(path: Path, body: str) -> None:

@@ -5,7 +5,9 @@
     deepspeed --num_gpus 2 --module ds_moekd.eval.cli --model DIR --data FILE --ep-size 2 --out results.json
 
 Prompts are sharded over ranks. A dense model runs as transformers' own model, replicated on every
-rank. A MoE teacher (config.json's model_type one of the teacher families) runs as the
+rank. The process is set up as for training: `--precision` (auto: bf16 on GPUs that have it, else
+fp32) sets the dtype unless `--dtype` names one, and threads and LOCAL_SIZE come from
+ds_moekd/host.py. A MoE teacher (config.json's model_type one of the teacher families) runs as the
 expert-parallel `MoETeacher` under any `--routing`, decoding with its KV cache in lockstep with its
 EP group; `--backend hf` runs it as transformers' own model instead (native routing, one rank's full
 copy: a cross-check).
@@ -24,11 +26,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.data.formats import FORMATS, load_eval_data
-from ds_moekd.device import bind_device
+from ds_moekd.device import DTYPE_NAMES, PRECISION_DTYPES, PRECISIONS, bind_device, resolve_precision
 from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
 from ds_moekd.errors import UserError
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
+from ds_moekd.host import configure_process
 from ds_moekd.model_checks import check_model_files
 from ds_moekd.models import resolve_model
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
@@ -100,7 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ka-seed", type=int, help="KA: seed of the routing draws (default 0)")
     p.add_argument("--backend", default="auto", choices=("auto", "hf", "moe"))
     p.add_argument("--ep-size", type=int, default=1, help="teacher expert-parallel size (0: the whole world)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="as training's `precision`: auto is bf16 "
+                   "on GPUs that have it, else fp32")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), help="model dtype (default: from --precision)")
     p.add_argument("--name", help="name of the eval set in reports (default: from the data path)")
     p.add_argument("--label", help="name of this system in reports (default: model dir, plus routing for a teacher)")
     p.add_argument("--out", required=True, help="results JSON")
@@ -108,8 +113,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def model_dtype(args: argparse.Namespace, device: torch.device) -> torch.dtype:
+    """`--dtype` when given, else the dtype of `--precision` on this device (as training's teacher)."""
+    return DTYPE_NAMES[args.dtype] if args.dtype else PRECISION_DTYPES[resolve_precision(args.precision, device)]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    configure_process()  # threads and LOCAL_SIZE, as `ds-moekd train` sets them
     settings = load_settings(args.config, template=args.template, seeds=args.seeds, greedy=args.greedy,
                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                              max_prompt_tokens=args.max_prompt_tokens, batch_size=args.batch_size)
@@ -134,7 +145,7 @@ def main(argv=None) -> dict:
     args.ka_seed = 0 if args.ka_seed is None else args.ka_seed
     data = load_eval_data(data_source, format=args.format, references=args.references, split=args.split)
     device = bind_device(info.local_rank)
-    dtype = getattr(torch, args.dtype)
+    dtype = model_dtype(args, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     groups = ParallelGroups.create(ep_size=ep_size) if backend == "moe" else ParallelGroups.single()
     if backend == "moe":
@@ -159,7 +170,7 @@ def main(argv=None) -> dict:
         "path": args.model, "label": args.label or (f"{model_dir.name} ({args.routing})" if moe else model_dir.name),
         "kind": "teacher" if moe else "student", "routing": args.routing if moe else None,
         "backend": "transformers" if backend == "hf" else "MoETeacher", "ep_size": ep_size if backend == "moe" else None,
-        "dtype": args.dtype,
+        "dtype": str(dtype).removeprefix("torch."),
     }
     results["data"] = {"source": args.data, "format": data.format, "references": args.references,
                        "name": args.name or _default_name(Path(data_source))}

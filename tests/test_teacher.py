@@ -175,4 +175,6 @@ def test_noisy_gate_noise_is_keyed_by_example_and_step_only(checkpoints):
         teacher.eval()
     assert not torch.allclose(noisy, clean) and not torch.allclose(noisy, other_step)
     torch.testing.assert_close(again, noisy, rtol=0, atol=0)
-    torch.testing.assert_close(alone[0], noisy[1], rtol=1e-5, atol=1e-6)
+    # batch 1 against batch 3: other GEMM shapes round differently (1e-6 on AVX2); a noise keyed by
+    # the batch would differ by the noise itself, orders of magnitude more
+    torch.testing.assert_close(alone[0], noisy[1], rtol=1e-4, atol=1e-5)

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-
 from ds_moekd.atomic import write_text
 from ds_moekd.telemetry import FINAL_LOSS, final_loss, moving_average, read_metrics, tenth
 
@@ -17,6 +12,11 @@ def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
     """Per-step losses (faint) with a moving average (solid): single steps are noisy."""
     steps = [m["step"] for m in metrics]
     window = max(1, len(metrics) // 25)
+    import matplotlib  # here, not at import: every rank imports this module, only rank 0 plots, once
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for key, color in (("loss", "C0"), ("ce", "C1"), ("kl", "C2")):
         if key in metrics[0]:

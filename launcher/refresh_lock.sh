@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Move the lock (launcher/constraints.txt) to the newest releases, on purpose (docs/install.md):
-#   bash launcher/refresh_lock.sh [PYTEST ARGS]
+#   bash launcher/refresh_lock.sh
 # 1. a fresh virtualenv in .venv-newest/ gets the CPU torch of the lock (a newer torch is a
 #    separate decision: edit its line first) and the newest releases of everything else that
 #    ds-moekd and its dev extra need;
@@ -8,6 +8,9 @@
 # 3. only if it passes is the lock rewritten from that environment (`pip freeze`); otherwise the
 #    lock stays as it is and the failing run's log is kept in .venv-newest/suite.log.
 set -euo pipefail
+if [ $# -gt 0 ]; then
+  echo "refresh_lock: takes no arguments (the lock is rewritten only after the whole suite passes)" >&2; exit 2
+fi
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 lock="$repo/launcher/constraints.txt"
@@ -19,7 +22,7 @@ py="$env_dir/bin/python"
 "$py" -m pip install -q --upgrade -e ".[dev]"
 "$py" -m pip list --format=freeze 2>/dev/null | grep -iE '^(transformers|deepspeed|kernels|torch|accelerate)==' \
   | sed 's/^/refresh_lock: newest: /' >&2
-if ! VIRTUAL_ENV="$env_dir" PATH="$env_dir/bin:$PATH" DS_MOEKD_NO_INSTALL=1 bash tests/run.sh "$@" \
+if ! VIRTUAL_ENV="$env_dir" PATH="$env_dir/bin:$PATH" DS_MOEKD_NO_INSTALL=1 bash tests/run.sh \
     2>&1 | tee "$env_dir/suite.log"; then
   echo "refresh_lock: the suite failed on the newest releases; the lock is unchanged (log: $env_dir/suite.log)" >&2
   exit 1

@@ -80,15 +80,19 @@ def rank_pool4():
 def one_process_group():
     """A 1-rank gloo group inside this process (an in-memory store: no process, no port), for the
     quick tier's one-process version of a multi-rank step. Torch's `F.linear` is restored after, as
-    building a ZeRO-3 engine replaces it process-wide (ds_moekd/zero3_linear.py)."""
+    building a ZeRO-3 engine replaces it process-wide (ds_moekd/zero3_linear.py), and so is the
+    environment."""
     import torch.distributed as dist
     import torch.nn.functional as F
 
-    linear = F.linear
+    linear, environ = F.linear, dict(os.environ)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
     F.linear = linear
+    # init_distributed exports RANK/WORLD_SIZE/...: later tests' launched ranks must not inherit them
+    os.environ.clear()
+    os.environ.update(environ)
     import deepspeed.utils.groups
 
     deepspeed.utils.groups._WORLD_GROUP = None  # DeepSpeed's clone of the world group died with it

@@ -52,7 +52,7 @@ def _run(cmd: list[str], tmp_path: Path) -> list[str]:
     out = subprocess.run([*cmd, str(REPO)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # ranks share one stdout pipe, so their lines may interleave: find the records, not the lines
-    return sorted(re.findall(r"PROBE (rank=\d+ world=\d+ source=\w+ sum=\d+ kernels=\w+)", out.stdout))
+    return sorted(re.findall(r"PROBE (rank=\d+ world=\d+ source=\w+ sum=\d+ kernels=(?:hf|repo))", out.stdout))
 
 
 @pytest.fixture

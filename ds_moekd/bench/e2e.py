@@ -99,6 +99,8 @@ def bench_size(size: str, methods: list[str], args, work: Path) -> dict[str, dic
                 both = run_system("both", method, args, teacher, work, tag.format("both"))
                 summaries = {system: summarise(both[system], args.skip) for system in ("ours", "baseline")}
                 for system in ("ours", "baseline"):  # peak memory hardly depends on the load: first round only
+                    if not args.memory_steps:  # speed only: the peaks stay those of the shared run
+                        continue
                     if round_index == 0:
                         alone = run_system(system, method, args, teacher, work, tag.format(system), args.memory_steps)
                         peak = [r["peak_rss_bytes"] / 2**20 for r in alone[system]]
@@ -183,7 +185,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="steps: both systems in the same ranks, alternating step by step (robust to other jobs "
                              "on the machine), peak memory from short runs of each alone; runs: ours, baseline, ... "
                              "as separate runs")
-    parser.add_argument("--memory-steps", type=int, default=12, help="steps of the peak-memory runs (--interleave steps; first round only)")
+    parser.add_argument("--memory-steps", type=int, default=12,
+                        help="steps of the peak-memory runs (--interleave steps; first round only); 0: no such runs, "
+                             "the peaks are then those of the step-interleaved run, which holds both systems")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     parser.add_argument("--out", type=Path, default=None, help="write OUT_<method>.{json,md,png}")
     parser.add_argument("overrides", nargs="*", help="run config overrides for both systems")

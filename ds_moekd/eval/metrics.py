@@ -10,14 +10,18 @@ from __future__ import annotations
 import re
 import string
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-from rouge_score import rouge_scorer
+if TYPE_CHECKING:
+    from rouge_score import rouge_scorer
 
 _PUNCTUATION = frozenset(string.punctuation)
 
 
 @lru_cache(maxsize=1)
 def _scorer() -> rouge_scorer.RougeScorer:
+    from rouge_score import rouge_scorer  # on first use: nltk's import costs every rank ~0.25 s
+
     return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 

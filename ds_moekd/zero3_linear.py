@@ -5,7 +5,7 @@ swaps `torch.nn.functional.linear` process-wide for DeepSpeed's autograd functio
 can re-gather a weight that was partitioned after the forward. A forward without autograd
 (teacher forwards, decoding) never runs that backward, yet pays a Python autograd function per
 linear call, and the teacher is not a ZeRO-3 model at all. Those forwards run with torch's own
-(docs/scale-out.md, "What changed").
+(docs/scale-out.md, "The changes behind these figures").
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ def held_out_source(cfg: RunConfig) -> str | None:
     return cfg.data.valid_file
 
 
-def _scored_student(final_dir: Path) -> tuple[Path, str]:
+def scored_student(final_dir: Path) -> tuple[Path, str]:
     """(folder, name) of the distilled student to score: the best by validation when this run's
     validation kept one (its validation.jsonl marks it; a best_student_hf/ left by an earlier run
     of the same name is not this run's), else the final export."""
@@ -73,7 +73,7 @@ def evaluate_held_out(cfg: RunConfig, tokenizer, teacher, groups: ParallelGroups
         teacher_row = _row(result)
     if groups.rank != 0:
         return None
-    after_dir, which = _scored_student(final_dir)
+    after_dir, which = scored_student(final_dir)
     return {
         "data": source,
         "decoding": f"greedy, max_new_tokens={cfg.report.max_new_tokens}",

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Every method on several seeds, side by side (docs/comparison.md): 2 ranks per run (teacher EP 2,
-# student ZeRO-3) on this machine. Arguments go to `ds-moekd compare`, e.g.
-#   bash launcher/compare.sh --seeds 3 train.steps=200
+# Every method on several seeds, the paper's way (docs/comparison.md): per seed an SFT init of the
+# student, then every method from it; 2 ranks per run (teacher EP 2, student ZeRO-3) on this
+# machine; sampled and greedy held-out scores. Arguments go to `ds-moekd compare`, e.g.
+#   bash launcher/compare.sh --seeds 5 --eval-seeds 5 train.steps=200
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"

@@ -118,13 +118,13 @@ def test_final_loss_is_the_last_tenth_mean_in_both_reports(tmp_path):
 
 
 def test_held_out_scores_a_best_student_only_from_this_run(tmp_path):
-    from ds_moekd.heldout import _scored_student
+    from ds_moekd.heldout import scored_student
 
     final = tmp_path / "run" / "student_hf"
     best = tmp_path / "run" / "best_student_hf"
     best.mkdir(parents=True)
     (best / "best.json").write_text(json.dumps({"metric": "rouge_l", "step": 4}))  # left by an earlier run
     (tmp_path / "run" / "validation.jsonl").write_text("")  # this run validated nothing
-    assert _scored_student(final) == (final, "final")
+    assert scored_student(final) == (final, "final")
     (tmp_path / "run" / "validation.jsonl").write_text(json.dumps({"step": 4, "best": True}) + "\n")
-    assert _scored_student(final) == (best, "best by validation rouge_l (step 4)")
+    assert scored_student(final) == (best, "best by validation rouge_l (step 4)")

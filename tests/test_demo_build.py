@@ -61,7 +61,14 @@ def test_models_and_tokenizer_load_with_auto_classes(two_tiny_builds):
 def test_scores_cover_every_routing_and_family(two_tiny_builds):
     root = two_tiny_builds[0]
     scores = json.loads((root / "scores.json").read_text())
-    assert set(scores["evaluations"]) == {"teacher_top2", "teacher_top3", "teacher_all4", "student"}
+    assert set(scores["evaluations"]) == {"teacher_top2", "teacher_top3", "teacher_all4", "student", "student_sft_init"}
+    assert not (root / "_student_init").exists()  # measured, not shipped
+    routing = scores["teacher_routing"]
+    assert len(routing["gate_mass"]) == 2 and all(0 < m < 1 for m in routing["gate_mass"])
+    assert routing["native"]["kl_from_native"] == pytest.approx(0.0, abs=1e-6) and routing["all"]["kl_from_native"] > 0
+    targets = scores["targets"]
+    assert targets["min over layers of router mass outside the top-k"]["value"] == min(routing["gate_mass"])
+    assert all(t["met"] == (t["value"] >= float(t["target"].split()[-1])) for t in targets.values())
     assert scores["torch_threads"] == 1
     families = {json.loads(line)["family"] for line in (root / "data/test.jsonl").read_text().splitlines()}
     for evaluation in scores["evaluations"].values():

@@ -1,9 +1,15 @@
-"""`ds-moekd compare`: train every method on several seeds, score each student and the teacher on
-the held-out split, and write a report (docs/comparison.md).
+"""`ds-moekd compare`: the paper's protocol on any set of method configs (docs/comparison.md).
 
-    ds-moekd compare [--methods sft kd gkd all ka sar] [--seeds 3] [--out runs/compare] [a.b=c ...]
+    ds-moekd compare [--methods sft kd gkd all ka sar] [--seeds 3] [--eval-seeds 5] [--out runs/compare]
+                     [--init sft_init | --init none] [a.b=c ...]
 
-Trailing `a.b=c` overrides go to every run. Finished runs and scores are kept, so a stopped
+Per training seed s: stage 0 fine-tunes the student on the training split (the `--init` config, seed
+s); every method then starts from that SFT init with seed s, so one seed's runs share their init and
+data order and differ only in how they distil. Each final student (or the best on the validation
+split, where its config keeps one) and the teacher are scored on the held-out file, greedy and
+sampled at temperature 1 over `--eval-seeds` seeds. `--methods` names configs in `--config-dir`
+(one NAME.yaml each, its `method:` field says which method it runs), so a variant of a method is one
+more file. Trailing `a.b=c` overrides go to every run. Finished runs and scores are kept, so a stopped
 comparison continues where it left off; results land in OUT/comparison.json and OUT/report.md.
 """
 
@@ -11,44 +17,56 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
-from ds_moekd.comparison.runs import RunSpec, run_all
+from ds_moekd.comparison.runs import RunSpec, run_one
 from ds_moekd.config import METHODS, RunConfig, load_config
 from ds_moekd.data.synthetic import read_jsonl
+from ds_moekd.heldout import scored_student
 from ds_moekd.telemetry import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 # Put before the user's overrides: the comparison scores every student itself on the held-out file,
 # so each run's own before/after scoring (report.eval_examples) would only repeat that work.
 RUN_DEFAULTS = ["report.eval_examples=0"]
+INIT = "init"  # the label of the stage-0 runs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds-moekd compare", description=__doc__.split("\n")[0])
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method: 1, 2, ... (default 3)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS),
+                   help="config names in --config-dir, one row each (default: the six methods)")
+    p.add_argument("--seeds", type=int, default=3, help="training seeds 1, 2, ... (default 3)")
+    p.add_argument("--eval-seeds", type=int, default=5, help="sampling seeds per held-out evaluation (default 5)")
+    p.add_argument("--init", default="sft_init",
+                   help="config in --config-dir that trains each seed's student init (none: start every "
+                        "method from the configs' own student.path)")
     p.add_argument("--out", default="runs/compare", help="folder for runs/, logs/, comparison.json, report.md")
-    p.add_argument("--config-dir", default=str(REPO / "ds_configs" / "methods"), help="one METHOD.yaml per method")
+    p.add_argument("--config-dir", default=str(REPO / "ds_configs" / "methods"), help="one NAME.yaml per row")
     p.add_argument("--world-size", type=int, default=2, help="ranks per run (default 2)")
     p.add_argument("--eval-file", default="demo:data/test.jsonl", help="held-out records (with `family` for the breakdown)")
     p.add_argument("--eval-examples", type=int, default=0, help="the first N records (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("overrides", nargs="*", help="config overrides for every run, e.g. train.steps=200")
     args = p.parse_args(argv)
-    if args.seeds < 1 or args.world_size < 1:
-        p.error("--seeds and --world-size must be at least 1")
+    if args.seeds < 1 or args.world_size < 1 or args.eval_seeds < 1:
+        p.error("--seeds, --eval-seeds and --world-size must be at least 1")
+    if INIT in args.methods:
+        p.error(f"--methods: {INIT!r} is the name of the stage-0 rows; rename that config")
     return args
 
 
-def _cached(path: Path, compute):
-    """compute() once; its JSON is kept beside what it describes."""
+def _cached(path: Path, key: dict, compute):
+    """compute() once per `key` (the settings it depends on); its JSON is kept beside what it describes."""
     if path.is_file():
-        return json.loads(path.read_text())
+        kept = json.loads(path.read_text())
+        if kept.get("key") == key:
+            return kept["value"]
     value = compute()
-    write_text(path, json.dumps(value, indent=2) + "\n")
+    write_text(path, json.dumps({"key": key, "value": value}, indent=2) + "\n")
     return value
 
 
@@ -67,43 +85,81 @@ def teacher_source(configs: list) -> RunConfig:
     raise ValueError(f"compare: none of the configs ({', '.join(c.name for c in configs)}) names a teacher.path")
 
 
+def train_all(args, config_dir: Path, runs_dir: Path, overrides: list[str]) -> tuple[list[RunSpec], dict]:
+    """Per seed: the init run, then every method from the init's student. Returns the method runs and
+    {run name: wall seconds} of the runs trained now."""
+    specs, seconds = [], {}
+    for seed in range(1, args.seeds + 1):
+        start_from = []
+        if args.init != "none":
+            init = RunSpec(INIT, config_dir / f"{args.init}.yaml", seed)
+            seconds[init.name] = run_one(init, runs_dir, Path(args.out) / "logs", args.world_size, overrides)
+            start_from = [f"student.path={scored_student(runs_dir / init.name / 'student_hf')[0].resolve()}"]
+        for label in args.methods:
+            spec = RunSpec(label, config_dir / f"{label}.yaml", seed)
+            seconds[spec.name] = run_one(spec, runs_dir, Path(args.out) / "logs", args.world_size,
+                                         [*overrides, *start_from])
+            specs.append(spec)
+    return specs, {name: s for name, s in seconds.items() if s is not None}
+
+
+def _run_row(spec: RunSpec, run_dir: Path, score) -> dict:
+    model_dir, checkpoint = scored_student(run_dir / "student_hf")
+    step_s, memory = _run_cost(run_dir)
+    return {"name": spec.name, "label": spec.label, "method": load_config(spec.config).method, "seed": spec.seed,
+            "checkpoint": checkpoint, "scores": score(run_dir / "comparison_scores.json", model_dir),
+            "step_s": step_s, "peak_memory_mb": memory}
+
+
 def main(argv=None) -> Path:
     from ds_moekd.comparison.report import write_comparison_report
-    from ds_moekd.comparison.scoring import sar_gate_mass, score_student, score_teacher
+    from ds_moekd.comparison.scoring import router_movement, score_student, score_teacher
 
     args = parse_args(argv)
+    started = time.time()
     out, config_dir = Path(args.out), Path(args.config_dir)
     runs_dir = out / "runs"
-    specs = [RunSpec(method, seed) for seed in range(1, args.seeds + 1) for method in args.methods]
     run_overrides = [*RUN_DEFAULTS, *args.overrides]
-    trained = run_all(specs, config_dir, runs_dir, out / "logs", args.world_size, run_overrides)
+    configs = [load_config(config_dir / f"{label}.yaml", run_overrides) for label in args.methods]
+    specs, trained = train_all(args, config_dir, runs_dir, run_overrides)
+
     records = read_jsonl(resolve_path(args.eval_file))
     records = records[: args.eval_examples] if args.eval_examples else records
-    configs = [load_config(config_dir / f"{method}.yaml", run_overrides) for method in args.methods]
+    eval_seeds = list(range(1, args.eval_seeds + 1))
+    key = {"eval_file": args.eval_file, "records": len(records), "max_new_tokens": args.max_new_tokens,
+           "eval_seeds": eval_seeds}
+
+    def score(path: Path, model_dir: Path) -> dict:
+        return _cached(path, {**key, "model": str(model_dir.name)},
+                       lambda: score_student(model_dir, records, args.max_new_tokens, eval_seeds))
+
     with_teacher = teacher_source(configs)
-    print("[compare] scoring the teacher (native, all, KA) and the undistilled student")
-    teacher = _cached(out / "teacher_scores.json", lambda: score_teacher(
-        resolve_path(with_teacher.teacher.path), records, args.max_new_tokens, with_teacher.ka.resample_prob))
-    student_before = _cached(out / "student_scores.json", lambda: score_student(
-        resolve_path(configs[0].student.path), records, args.max_new_tokens))
+    teacher_dir = resolve_path(with_teacher.teacher.path)
+    print("[compare] scoring the teacher (native, all, KA) and the base student")
+    teacher = _cached(out / "teacher_scores.json", key, lambda: score_teacher(
+        teacher_dir, records, args.max_new_tokens, with_teacher.ka.resample_prob, eval_seeds))
+    student_base = score(out / "student_scores.json", resolve_path(configs[0].student.path))
+    inits = {}
+    if args.init != "none":
+        for seed in range(1, args.seeds + 1):
+            spec = RunSpec(INIT, config_dir / f"{args.init}.yaml", seed)
+            print(f"[compare] scoring {spec.name}")
+            inits[spec.name] = _run_row(spec, runs_dir / spec.name, score)
     runs = {}
     for spec in specs:
         run_dir = runs_dir / spec.name
         print(f"[compare] scoring {spec.name}")
-        scores = _cached(run_dir / "comparison_scores.json",
-                         lambda run_dir=run_dir: score_student(run_dir / "student_hf", records, args.max_new_tokens))
-        step_s, memory = _run_cost(run_dir)
-        runs[spec.name] = {"name": spec.name, "method": spec.method, "seed": spec.seed, "scores": scores,
-                           "step_s": step_s, "peak_memory_mb": memory}
+        runs[spec.name] = _run_row(spec, run_dir, score)
         if (run_dir / "sar_teacher_hf").is_dir():
-            runs[spec.name]["sar_gate_mass"] = _cached(run_dir / "sar_gate_mass.json",
-                                                       lambda run_dir=run_dir: sar_gate_mass(run_dir / "sar_teacher_hf",
-                                                                                             records))
-    data = {"settings": {"methods": args.methods, "seeds": list(range(1, args.seeds + 1)),
-                         "world_size": args.world_size, "overrides": run_overrides, "eval_file": args.eval_file,
-                         "eval_records": len(records), "max_new_tokens": args.max_new_tokens,
-                         "trained_now_s": trained},
-            "teacher": teacher, "student_before": student_before, "runs": runs}
+            runs[spec.name]["router_movement"] = _cached(
+                run_dir / "router_movement.json", key,
+                lambda run_dir=run_dir: router_movement(teacher_dir, run_dir / "sar_teacher_hf", records))
+    data = {"settings": {"methods": args.methods, "init": args.init, "seeds": list(range(1, args.seeds + 1)),
+                         "eval_seeds": eval_seeds, "world_size": args.world_size, "overrides": run_overrides,
+                         "eval_file": args.eval_file, "eval_records": len(records),
+                         "max_new_tokens": args.max_new_tokens, "trained_now_s": trained,
+                         "wall_s": round(time.time() - started, 1)},
+            "teacher": teacher, "student_base": student_base, "inits": inits, "runs": runs}
     write_text(out / "comparison.json", json.dumps(data, indent=2) + "\n")
     report = write_comparison_report(data, runs_dir, out)
     print(f"[compare] wrote {report}")

@@ -1,7 +1,11 @@
-"""`report.md` and its plots for a method comparison (docs/comparison.md): per method the mean ± std
-and 95% interval over seeds, the difference from `kd` and whether the seeds can tell them apart,
-per-family scores, teacher and undistilled-student rows, cost per step relative to `kd`, loss and
-validation curves, and the routers' non-activated gate mass (native and SAR-tuned)."""
+"""`report.md` and its plots for a method comparison (docs/comparison.md).
+
+Per row (a method config, over its training seeds): sampled and greedy held-out scores as mean ± std
+with a Student-t 95% interval, the share of the teacher-init gap it closed, and cost per step. Per
+method, the paired difference to `gkd` and to `kd` (the runs of one seed share the student init),
+with its 95% interval and whether it excludes 0. Then per-family scores, the teacher under each
+routing, training curves, and how far SAR moved the routers.
+"""
 
 from __future__ import annotations
 
@@ -15,18 +19,29 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
 from ds_moekd.atomic import write_text
-from ds_moekd.comparison.stats import Summary, difference, inside_spread, summarize
+from ds_moekd.comparison.stats import Summary, excludes_zero, paired_difference, summarize
 from ds_moekd.telemetry import moving_average, read_metrics
 
-METRICS = {"exact_match": "strict exact match (%)", "rouge_l": "ROUGE-L F1 (x100)"}
-BASELINE = "kd"
+# (decoding, metric, label); the first is the paper's headline number.
+SCORES = (("sampled", "rouge_l", "ROUGE-L, sampled"), ("sampled", "exact_match", "strict EM, sampled"),
+          ("greedy", "exact_match", "strict EM, greedy"), ("greedy", "rouge_l", "ROUGE-L, greedy"))
+PRIMARY = SCORES[0]
+BASELINES = ("gkd", "kd")  # KA and SAR are built on GKD, so the paper compares them to it first
 
 
-def by_method(runs: dict) -> dict[str, list[dict]]:
+def by_label(runs: dict) -> dict[str, list[dict]]:
     grouped = defaultdict(list)
     for run in runs.values():
-        grouped[run["method"]].append(run)
-    return dict(grouped)
+        grouped[run["label"]].append(run)
+    return {label: sorted(rows, key=lambda r: r["seed"]) for label, rows in grouped.items()}
+
+
+def value(scores: dict, decoding: str, metric: str) -> float:
+    return scores[decoding][metric]
+
+
+def _summary(rows: list[dict], decoding: str, metric: str) -> Summary:
+    return summarize(value(r["scores"], decoding, metric) for r in rows)
 
 
 def _interval(s: Summary) -> str:
@@ -35,48 +50,81 @@ def _interval(s: Summary) -> str:
     return f"{s.mean:.2f} ± {s.std:.2f} [{s.mean - s.half_width:.2f}, {s.mean + s.half_width:.2f}]"
 
 
-def _versus(s: Summary, base: Summary | None) -> str:
-    if base is None:
-        return "-"
-    delta, half = difference(s, base)
-    spread = "inside the seed spread" if inside_spread(s, base) else "outside the seed spread"
-    return f"{delta:+.2f} ± {half:.2f} ({spread})" if math.isfinite(half) else f"{delta:+.2f} (too few seeds)"
+def gap_closed(run: dict, init: dict | None, teacher: dict, decoding: str, metric: str) -> float | None:
+    """(student - its init) / (teacher's native routing - its init): 1 = caught up with the teacher."""
+    if init is None:
+        return None
+    start = value(init["scores"], decoding, metric)
+    gap = value(teacher["routings"]["native"], decoding, metric) - start
+    return (value(run["scores"], decoding, metric) - start) / gap if gap > 0 else None
 
 
-def _relative(value: float, base: float | None) -> str:
-    return f"{value / base:.2f}×" if base else "-"
+def _init_of(data: dict, seed: int) -> dict | None:
+    return data["inits"].get(f"init-seed{seed}")
 
 
-def method_table(data: dict) -> list[str]:
-    groups = by_method(data["runs"])
-    scores = {m: {k: summarize(r["scores"][k] for r in rs) for k in METRICS} for m, rs in groups.items()}
-    cost = {m: (sum(r["step_s"] for r in rs) / len(rs), max(r["peak_memory_mb"] for r in rs)) for m, rs in groups.items()}
-    base_scores, base_cost = scores.get(BASELINE), cost.get(BASELINE)
-    lines = [f"| system | seeds | {METRICS['exact_match']}: mean ± std [95% CI] | Δ vs {BASELINE} | "
-             f"{METRICS['rouge_l']}: mean ± std [95% CI] | s/step | × {BASELINE} | peak MB (rank 0) | × {BASELINE} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def score_table(data: dict) -> list[str]:
+    groups = by_label(data["runs"])
+    cost = {label: (sum(r["step_s"] for r in rows) / len(rows), max(r["peak_memory_mb"] for r in rows))
+            for label, rows in groups.items()}
+    base = cost.get("kd")
+    head = " | ".join(label for _, _, label in SCORES)
+    lines = [f"| system | seeds | checkpoint | {head} | gap closed ({PRIMARY[2]}) | s/step | × kd | peak MB | × kd |",
+             "|---" * (8 + len(SCORES)) + "|"]
+    blank = " | ".join("-" for _ in range(4))
     for name, row in data["teacher"]["routings"].items():
-        lines.append(f"| teacher ({name}) | - | {row['exact_match']:.2f} | - | {row['rouge_l']:.2f} | - | - | - | - |")
-    before = data["student_before"]
-    lines.append(f"| student, undistilled | - | {before['exact_match']:.2f} | - | {before['rouge_l']:.2f} "
-                 "| - | - | - | - |")
-    for method in groups:
-        em, rouge = scores[method]["exact_match"], scores[method]["rouge_l"]
-        step_s, memory = cost[method]
-        lines.append(f"| {method} | {em.n} | {_interval(em)} | "
-                     f"{_versus(em, base_scores['exact_match']) if base_scores and method != BASELINE else '-'} | "
-                     f"{_interval(rouge)} | {step_s:.3f} | {_relative(step_s, base_cost and base_cost[0])} | "
-                     f"{memory:.0f} | {_relative(memory, base_cost and base_cost[1])} |")
+        cells = " | ".join(f"{value(row, d, m):.2f}" for d, m, _ in SCORES)
+        lines.append(f"| teacher ({name}) | - | - | {cells} | - | {blank} |")
+    cells = " | ".join(f"{value(data['student_base'], d, m):.2f}" for d, m, _ in SCORES)
+    lines.append(f"| student, base (before SFT) | - | - | {cells} | - | {blank} |")
+    rows_by_label = ({"student, SFT init": list(data["inits"].values())} if data["inits"] else {}) | groups
+    for label, rows in rows_by_label.items():
+        cells = " | ".join(_interval(_summary(rows, d, m)) for d, m, _ in SCORES)
+        closed = [gap_closed(r, _init_of(data, r["seed"]), data["teacher"], *PRIMARY[:2]) for r in rows]
+        closed = [c for c in closed if c is not None]
+        closed_text = f"{100 * sum(closed) / len(closed):.0f}%" if closed and label in groups else "-"
+        step_s, memory = (sum(r["step_s"] for r in rows) / len(rows), max(r["peak_memory_mb"] for r in rows))
+        relative = (f"{step_s / base[0]:.2f}×", f"{memory / base[1]:.2f}×") if base else ("-", "-")
+        lines.append(f"| {label} | {len(rows)} | {rows[0]['checkpoint'].split(' (')[0]} | {cells} | {closed_text} "
+                     f"| {step_s:.3f} | {relative[0]} | {memory:.0f} | {relative[1]} |")
+    return lines
+
+
+def paired_table(data: dict) -> list[str]:
+    """Per row and score: the paired difference to each baseline over the seeds both have."""
+    groups = by_label(data["runs"])
+    present = [b for b in BASELINES if b in groups]
+    lines = ["| system | score | " + " | ".join(f"Δ vs {b} [95%]" for b in present) + " |",
+             "|---|---" + "|---" * len(present) + "|"]
+    for label, rows in groups.items():
+        for decoding, metric, name in SCORES[:3]:
+            cells = []
+            for baseline in present:
+                if label == baseline:
+                    cells.append("-")
+                    continue
+                base = {r["seed"]: r for r in groups[baseline]}
+                pairs = [(r, base[r["seed"]]) for r in rows if r["seed"] in base]
+                delta, half = paired_difference([value(a["scores"], decoding, metric) for a, _ in pairs],
+                                                [value(b["scores"], decoding, metric) for _, b in pairs])
+                if not math.isfinite(half):
+                    cells.append(f"{delta:+.2f} (1 seed: no interval)")
+                    continue
+                verdict = "excludes 0" if excludes_zero(delta, half) else "contains 0"
+                cells.append(f"{delta:+.2f} [{delta - half:+.2f}, {delta + half:+.2f}] {verdict}")
+            lines.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
     return lines
 
 
 def family_table(data: dict) -> list[str]:
-    rows = {f"teacher ({n})": r["per_family"] for n, r in data["teacher"]["routings"].items()}
-    rows["student, undistilled"] = data["student_before"]["per_family"]
-    for method, runs in by_method(data["runs"]).items():
-        families = runs[0]["scores"]["per_family"]
-        rows[f"{method} (mean of {len(runs)})"] = {
-            f: {"exact_match": sum(r["scores"]["per_family"][f]["exact_match"] for r in runs) / len(runs)}
+    decoding = PRIMARY[0]
+    rows = {f"teacher ({n})": r[decoding]["per_family"] for n, r in data["teacher"]["routings"].items()}
+    rows["student, base"] = data["student_base"][decoding]["per_family"]
+    groups = ({"student, SFT init": list(data["inits"].values())} if data["inits"] else {}) | by_label(data["runs"])
+    for label, runs in groups.items():
+        families = runs[0]["scores"][decoding]["per_family"]
+        rows[f"{label} (mean of {len(runs)})"] = {
+            f: {"exact_match": sum(r["scores"][decoding]["per_family"][f]["exact_match"] for r in runs) / len(runs)}
             for f in families}
     families = sorted(next(iter(rows.values())))
     lines = ["| system | " + " | ".join(families) + " |", "|---" * (len(families) + 1) + "|"]
@@ -86,31 +134,50 @@ def family_table(data: dict) -> list[str]:
 
 
 def routing_table(data: dict) -> list[str]:
-    lines = ["| routing | token NLL (nats) | mean per-token KL from native | strict exact match |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r['nll']:.4f} | {r['kl_from_native']:.3g} | {r['exact_match']:.2f} |"
-              for name, r in data["teacher"]["routings"].items()]
+    lines = ["| routing | token NLL (nats) | mean per-token KL from native | ROUGE-L, sampled | strict EM, greedy |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['nll']:.4f} | {r['kl_from_native']:.3g} | {value(r, 'sampled', 'rouge_l'):.2f} "
+              f"| {value(r, 'greedy', 'exact_match'):.2f} |" for name, r in data["teacher"]["routings"].items()]
     return lines
 
 
-def _sar_gate_mass(data: dict) -> list[float] | None:
-    masses = [r["sar_gate_mass"] for r in data["runs"].values() if r.get("sar_gate_mass")]
-    return [sum(layer) / len(masses) for layer in zip(*masses)] if masses else None
+def router_table(data: dict) -> list[str]:
+    """Per SAR row, per MoE layer: gate mass outside the native top-k before → after, and KL(native ‖ SAR)."""
+    native = data["teacher"]["gate_mass"]
+    lines = ["| routers | " + " | ".join(f"layer {i}" for i in range(len(native))) + " |",
+             "|---" * (len(native) + 1) + "|",
+             "| native: mass outside top-k | " + " | ".join(f"{100 * m:.2f}%" for m in native) + " |"]
+    for label, rows in by_label(data["runs"]).items():
+        moved = [r["router_movement"] for r in rows if r.get("router_movement")]
+        if not moved:
+            continue
+        change = [sum(layer) / len(moved) for layer in zip(*(m["gate_mass_change"] for m in moved))]
+        kl = [sum(layer) / len(moved) for layer in zip(*(m["router_kl"] for m in moved))]
+        lines.append(f"| {label}: change of that mass (mean of {len(moved)}) | "
+                     + " | ".join(f"{100 * c:+.3f} pt" for c in change) + " |")
+        lines.append(f"| {label}: KL(native ‖ tuned router) | " + " | ".join(f"{k:.2e}" for k in kl) + " |")
+    return lines
 
 
 def plot_scores(data: dict, path: Path) -> None:
-    """Per metric: a bar per method (mean, whiskers the 95% interval), teacher and student as lines."""
-    groups = by_method(data["runs"])
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, (metric, label) in zip(axes, METRICS.items()):
-        summaries = [summarize(r["scores"][metric] for r in groups[m]) for m in groups]
+    """Per score: a bar per row (mean, whiskers the 95% interval), teacher and SFT init as lines."""
+    groups = by_label(data["runs"])
+    shown = (PRIMARY, SCORES[2])
+    fig, axes = plt.subplots(1, len(shown), figsize=(12, 4.2))
+    for ax, (decoding, metric, label) in zip(axes, shown):
+        summaries = [_summary(groups[g], decoding, metric) for g in groups]
         errors = [s.half_width if math.isfinite(s.half_width) else 0 for s in summaries]
         bars = ax.bar(list(groups), [s.mean for s in summaries], yerr=errors, capsize=4, color="tab:blue")
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
         for i, (name, row) in enumerate(data["teacher"]["routings"].items()):
-            ax.axhline(row[metric], color=f"C{i + 1}", linestyle="--", linewidth=1, label=f"teacher ({name})")
-        ax.axhline(data["student_before"][metric], color="gray", linestyle=":", label="student, undistilled")
+            ax.axhline(value(row, decoding, metric), color=f"C{i + 1}", linestyle="--", linewidth=1,
+                       label=f"teacher ({name})")
+        if data["inits"]:
+            ax.axhline(_summary(list(data["inits"].values()), decoding, metric).mean, color="gray", linestyle=":",
+                       label="student, SFT init")
         ax.set_ylabel(label)
         ax.set_title(f"{label}: mean over seeds, 95% interval")
+        ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -119,25 +186,24 @@ def plot_scores(data: dict, path: Path) -> None:
 
 
 def plot_curves(data: dict, runs_dir: Path, path: Path) -> None:
-    """Training loss (moving average, mean over seeds) and validation score per method."""
+    """Training loss (moving average, mean over seeds) and validation score per row."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for i, (method, runs) in enumerate(by_method(data["runs"]).items()):
+    for i, (label, runs) in enumerate(by_label(data["runs"]).items()):
         curves = [read_metrics(runs_dir / r["name"] / "metrics.jsonl") for r in runs]
         length = min(len(c) for c in curves)
         mean = [sum(c[j]["loss"] for c in curves) / len(curves) for j in range(length)]
         axes[0].plot([curves[0][j]["step"] for j in range(length)], moving_average(mean, max(1, length // 25)),
-                     color=f"C{i}", label=method)
+                     color=f"C{i}", label=label)
         validations = [runs_dir / r["name"] / "validation.jsonl" for r in runs]
         if all(v.is_file() for v in validations):
             points = [read_metrics(v) for v in validations]
             count = min(len(p) for p in points)
             axes[1].plot([points[0][j]["step"] for j in range(count)],
                          [sum(p[j][p[j]["metric"]] for p in points) / len(points) for j in range(count)],
-                         marker="o", color=f"C{i}", label=method)
+                         marker="o", color=f"C{i}", label=label)
     axes[0].set(title="Training objective (each method's own loss; mean over seeds)", xlabel="optimizer step",
                 ylabel="nats per response token")
-    axes[1].set(title="Validation (the runs' selection metric; mean over seeds)", xlabel="optimizer step",
-                ylabel="score")
+    axes[1].set(title="Validation split (greedy; mean over seeds)", xlabel="optimizer step", ylabel="score")
     for ax in axes:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
@@ -147,50 +213,35 @@ def plot_curves(data: dict, runs_dir: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_gate_mass(native: list[float], sar: list[float] | None, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(range(len(native)), [100 * m for m in native], marker="o", label="native routers")
-    if sar:
-        ax.plot(range(len(sar)), [100 * m for m in sar], marker="s", label="SAR-tuned routers (mean over seeds)")
-    ax.set(title="Router mass on experts outside the native top-k", xlabel="MoE layer",
-           ylabel="non-activated gate mass (%)")
-    ax.set_xticks(range(len(native)))
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def write_comparison_report(data: dict, runs_dir: Path, out: Path) -> Path:
     settings = data["settings"]
     plot_scores(data, out / "scores.png")
     plot_curves(data, runs_dir, out / "curves.png")
-    sar = _sar_gate_mass(data)
-    plot_gate_mass(data["teacher"]["gate_mass"], sar, out / "gate_mass.png")
+    init = (f"each seed's student first fine-tuned by `{settings['init']}` (stage 0), every method starting "
+            "from that seed's init" if data["inits"] else "every method from its config's own student")
     lines = [
         "# Method comparison", "",
-        f"{len(data['runs'])} runs: methods {', '.join(settings['methods'])} × seeds {settings['seeds']}, "
-        f"{settings['world_size']} ranks (teacher expert-parallel, student ZeRO-3), overrides "
+        f"{len(data['runs'])} runs: {', '.join(settings['methods'])} × training seeds {settings['seeds']}, "
+        f"{init}; {settings['world_size']} ranks (teacher expert-parallel, student ZeRO-3), overrides "
         f"`{' '.join(settings['overrides']) or 'none'}`. Scored on `{settings['eval_file']}` "
-        f"({settings['eval_records']} records, greedy, {settings['max_new_tokens']} new tokens), the final student "
-        "of each run. Intervals: Student-t 95% over seeds; a difference from kd is inside the seed spread when "
-        "its Welch 95% interval contains 0.", "",
-        *method_table(data), "", "![scores](scores.png)", "",
-        "## Per family (strict exact match)", "", *family_table(data), "",
+        f"({settings['eval_records']} records, up to {settings['max_new_tokens']} new tokens): greedy, and sampled at "
+        f"temperature 1 with evaluation seeds {settings['eval_seeds']} (their mean per student). Mean ± std "
+        "over training seeds [Student-t 95% interval]. The checkpoint column says which student each "
+        "config scores (final, or the best on the validation split).", "",
+        *score_table(data), "", "![scores](scores.png)", "",
+        "## Paired differences", "",
+        "Per seed, the row's score minus the baseline's (same init, same data order); mean over seeds "
+        "[95% interval, Student t with seeds − 1 degrees of freedom]. *Excludes 0*: those seeds tell the two "
+        "apart.", "", *paired_table(data), "",
+        f"## Per family ({PRIMARY[0]} strict exact match)", "", *family_table(data), "",
         "## The teacher under each routing", "",
-        "Greedy exact match hides soft differences: the token NLL of the reference responses and the mean "
+        "Decoded scores hide soft differences: the token NLL of the reference responses and the mean "
         "per-token KL from the native routing's distribution show what all-expert and KA routing change.", "",
         *routing_table(data), "",
+        "## Routers", "", *router_table(data), "",
         "## Curves", "", "![curves](curves.png)", "",
-        "## Routing diagnostics", "",
-        "| routers | " + " | ".join(f"layer {i}" for i in range(len(data["teacher"]["gate_mass"]))) + " |",
-        "|---" * (len(data["teacher"]["gate_mass"]) + 1) + "|",
-        "| native | " + " | ".join(f"{100 * m:.2f}%" for m in data["teacher"]["gate_mass"]) + " |",
+        f"Wall time of this call: {settings['wall_s'] / 60:.1f} min "
+        f"({len(settings['trained_now_s'])} runs trained now).", "",
     ]
-    if sar:
-        lines.append("| SAR-tuned (mean over seeds) | " + " | ".join(f"{100 * m:.2f}%" for m in sar) + " |")
-    lines += ["", "![gate mass](gate_mass.png)", ""]
     write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

@@ -70,3 +70,18 @@ def inside_spread(a: Summary, b: Summary) -> bool:
     """True when the 95% interval of the difference contains 0: the seeds cannot tell a from b."""
     delta, half = difference(a, b)
     return abs(delta) <= half
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """(mean of a_s - b_s over seeds s, half-width of its 95% interval, Student t with n-1 df): the runs
+    of one seed share the student init and the data order, so their difference removes what the seed
+    does to both. The half-width is inf with fewer than 2 pairs."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired difference needs equal, non-empty seed lists (got {len(a)} and {len(b)})")
+    deltas = summarize(x - y for x, y in zip(a, b))
+    return deltas.mean, deltas.half_width
+
+
+def excludes_zero(delta: float, half_width: float) -> bool:
+    """True when the 95% interval delta ± half_width lies wholly on one side of 0."""
+    return math.isfinite(half_width) and abs(delta) > half_width

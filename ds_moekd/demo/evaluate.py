@@ -17,12 +17,13 @@ def _mean(values: list[float]) -> float:
 
 
 def score_model(model, tokenizer, records: list[dict], *, max_new_tokens: int, batch_size: int = 64,
-                routing=None) -> dict:
-    """Greedy strict exact match (primary) and ROUGE-L, overall and per family (records without a
-    `family` count as "all"); `routing` for a `MoETeacher`."""
+                routing=None, sample_seed: int | None = None) -> dict:
+    """Strict exact match (primary) and ROUGE-L, overall and per family (records without a `family`
+    count as "all"); greedy, or sampled at temperature 1 with `sample_seed`; `routing` for a `MoETeacher`."""
     prompts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records]
     predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, routing=routing)
+                                     batch_size=batch_size, routing=routing,
+                                     do_sample=sample_seed is not None, seed=sample_seed)
     by_family: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"exact_match": [], "rouge_l": []})
     for record, prediction in zip(records, predictions):
         family = by_family[record.get("family", "all")]

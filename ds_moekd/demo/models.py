@@ -92,14 +92,15 @@ def _balanced_clusters(rows_IH: torch.Tensor, num_clusters: int, generator: torc
 
 
 @torch.no_grad()
-def split_into_experts(dense: MistralForCausalLM, shape: TeacherShape, generator: torch.Generator
-                       ) -> MixtralForCausalLM:
+def split_into_experts(dense: MistralForCausalLM, shape: TeacherShape, generator: torch.Generator,
+                       router_scale: float = 1.0) -> MixtralForCausalLM:
     """LLaMA-MoE-style conversion: each expert gets a cluster of the dense FFN's neurons.
 
     Neurons are clustered by their gate_proj rows (neurons that fire for similar inputs share an
-    expert) and each router row starts at its cluster's centroid, so a token is first routed to the
-    experts whose neurons it activates most. Down projections are scaled by N/k (LLaMA-MoE's score
-    scale): top-k output weights sum to one, while the dense FFN summed all N slices.
+    expert) and each router row starts at its cluster's centroid times `router_scale`, so a token is
+    first routed to the experts whose neurons it activates most; a scale below 1 starts the router
+    soft, with the unselected experts still weighted. Down projections are scaled by N/k (LLaMA-MoE's
+    score scale): top-k output weights sum to one, while the dense FFN summed all N slices.
     """
     dense_config = dense.config
     config = MixtralConfig(
@@ -126,5 +127,5 @@ def split_into_experts(dense: MistralForCausalLM, shape: TeacherShape, generator
             neurons = (assignment_I == expert).nonzero().squeeze(-1)
             moe_block.experts.gate_up_proj[expert].copy_(torch.cat([gate_IH[neurons], up_IH[neurons]]))
             moe_block.experts.down_proj[expert].copy_(down_HI[:, neurons] * scale)
-        moe_block.gate.weight.copy_(centroids_NH)
+        moe_block.gate.weight.copy_(centroids_NH * router_scale)
     return moe

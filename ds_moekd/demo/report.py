@@ -11,7 +11,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def write_report(path: Path, scores: dict, timings: dict) -> None:
-    evaluations = scores["evaluations"]
+    evaluations, plan, routing = scores["evaluations"], scores["plan"], scores["teacher_routing"]
     models = list(evaluations)
     families = list(next(iter(evaluations.values()))["per_family"])
     lines = [
@@ -24,9 +24,22 @@ def write_report(path: Path, scores: dict, timings: dict) -> None:
         "- `data/`: synthetic instructions (MiniLLM JSONL plus a `family` field); valid/test items are held out "
         "of training by construction (item-key hash). Records: "
         + ", ".join(f"{k} {v}" for k, v in scores["records"].items()) + ".",
-        (f"- `teacher/`: Mixtral MoE, pretrained dense, split into experts (neuron clustering), trained on with "
-         f"top-k routing. `student/`: a small dense Llama, trained briefly. Byte-level BPE, {scores['vocab_size']} "
-         "tokens, trained on the training split only. Sequences: prompt + response + EOS (no BOS)."),
+        (f"- `teacher/`: Mixtral MoE built the LLaMA-MoE way: a dense model pretrained for most of the compute "
+         f"({plan['dense_stage']['steps']} steps), its FFN neurons split into {plan['teacher']['num_experts']} "
+         f"experts (neuron clustering, a soft router: centroids × {plan['router_scale']}), then a short top-"
+         f"{plan['teacher']['top_k']} stage ({plan['moe_stage']['steps']} steps), so unselected experts still hold "
+         "what the dense model learned."),
+        (f"- `student/`: a small dense Llama after a short first pass ({plan['student_stage']['steps']} steps): the "
+         "base that `ds-moekd compare` fine-tunes into each seed's SFT init. `student_sft_init` below is that "
+         f"init as measured here ({plan['init_stage']['steps']} more steps, not shipped). Byte-level BPE, "
+         f"{scores['vocab_size']} tokens, trained on the training split only. Sequences: prompt + response + EOS "
+         "(no BOS)."),
+        "",
+        "## What the method comparison needs (measured on the test split)",
+        "",
+        *_table(["target", "measured", "wanted", "met"],
+                [[name, t["value"], t["target"], "yes" if t["met"] else "**no**"]
+                 for name, t in scores["targets"].items()]),
         "",
         f"## Test split ({scores['records']['test']} records, greedy): strict exact match / ROUGE-L",
         "",
@@ -40,6 +53,14 @@ def write_report(path: Path, scores: dict, timings: dict) -> None:
     lines += ["", "## Size", ""]
     lines += _table(["model", "parameters", "active per token", "model.safetensors bytes"], [
         [role, p["total"], p["active_per_token"], p["safetensors_bytes"]] for role, p in scores["parameters"].items()])
+    layers = range(len(routing["gate_mass"]))
+    lines += ["", "## Teacher routing (reference responses of the test split)", "",
+              "Token NLL and mean per-token KL(native ‖ routing) over the reference response tokens; router mass "
+              "outside the native top-k per MoE layer over the prompt tokens.", ""]
+    lines += _table(["routing", "token NLL", "KL from native"],
+                    [[name, routing[name]["nll"], routing[name]["kl_from_native"]] for name in ("native", "all", "ka")])
+    lines += [""] + _table(["MoE layer"] + [str(i) for i in layers],
+                           [["mass outside top-k"] + [f"{100 * m:.1f}%" for m in routing["gate_mass"]]])
     load = scores["expert_load"]
     experts = len(next(iter(load["per_family"].values())))
     lines += ["", f"## Teacher expert load per family (layer {load['layer']}, native routing)", "",

@@ -20,6 +20,7 @@ class GateDiagnostics:
     tokens: int  # real tokens of this rank in this forward
     unrouted_mass_sum: float  # sum over those tokens of the probability native top-k leaves unused
     load_N: torch.Tensor  # assignments per expert under the routing policy that ran (int64)
+    probabilities_TN: torch.Tensor  # the router's distribution over all N experts per real token (CPU)
 
     @property
     def unrouted_mass_mean(self) -> float:
@@ -43,4 +44,5 @@ def gate_diagnostics(
             tokens=expert_ids_TK.shape[0],
             unrouted_mass_sum=float(unrouted_T.double().sum()),
             load_N=load_N.cpu(),
+            probabilities_TN=probs_TN.float().cpu(),
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from rankprocs import REPO, free_port, run_env, run_once, start_ranks, stop, tiny_overrides, wait_all, wait_for_step
 
+from ds_moekd.config import load_config
 from ds_moekd.errors import EXIT_ENVIRONMENT, EXIT_HANG, EXIT_NUMERICS, EXIT_PREEMPTED, EXIT_USAGE
 from ds_moekd.telemetry import read_metrics
 
@@ -218,7 +219,8 @@ def test_resume_skips_corrupt_and_uncommitted_checkpoints_and_refuses_changed_se
     resume = tiny_overrides(tiny_demo, out, steps=6, **{"train.resume": "true"})
     codes, text = run_once(resume + ["optim.lr=0.01"], tmp_path)
     assert codes == [EXIT_USAGE] * 2, text
-    assert "optim.lr: 0.002 in the checkpoint, 0.01 now" in text and "train.allow_config_change" in text
+    trained_lr = load_config(REPO / "ds_configs/methods/kd.yaml").optim.lr  # what the ranks were started with
+    assert f"optim.lr: {trained_lr} in the checkpoint, 0.01 now" in text and "train.allow_config_change" in text
     codes, text = run_once(resume, tmp_path)
     assert codes == [0, 0], text
     assert "skipping" in text and "step6" in text and "does not match its checksum" in text

@@ -9,13 +9,13 @@ differences). SAR runs also report how far the student-aware training moved the 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ds_moekd.comparison.stats import summarize
 from ds_moekd.data.batching import TokenizedExample, collate
 from ds_moekd.data.template import alpaca_prompt
 from ds_moekd.demo.evaluate import score_model
@@ -31,12 +31,6 @@ def teacher_routings(num_experts: int, resample_prob: float) -> dict:
             "ka": KASample(resample_prob=resample_prob, num_selected=num_experts - 1, seed=0)}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return round(mean, 4), round(std, 4)
-
-
 def score_decodings(model, tokenizer, records: list[dict], max_new_tokens: int, eval_seeds: list[int],
                     routing=None) -> dict:
     """{"greedy": scores, "sampled": mean and std over `eval_seeds` of temperature-1 samples, with each
@@ -47,7 +41,8 @@ def score_decodings(model, tokenizer, records: list[dict], max_new_tokens: int, 
     sampled: dict = {"seeds": list(eval_seeds),
                      "per_seed": [{m: run[m] for m in METRICS} for run in per_seed]}
     for metric in METRICS:
-        sampled[metric], sampled[f"{metric}_std"] = _mean_std([run[metric] for run in per_seed])
+        spread = summarize(run[metric] for run in per_seed)
+        sampled[metric], sampled[f"{metric}_std"] = round(spread.mean, 4), round(spread.std, 4)
     families = per_seed[0]["per_family"] if per_seed else {}
     sampled["per_family"] = {f: {m: round(sum(run["per_family"][f][m] for run in per_seed) / len(per_seed), 2)
                                  for m in METRICS} for f in families}

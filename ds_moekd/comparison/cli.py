@@ -85,28 +85,30 @@ def teacher_source(configs: list) -> RunConfig:
     raise ValueError(f"compare: none of the configs ({', '.join(c.name for c in configs)}) names a teacher.path")
 
 
-def train_all(args, config_dir: Path, runs_dir: Path, overrides: list[str]) -> tuple[list[RunSpec], dict]:
-    """Per seed: the init run, then every method from the init's student. Returns the method runs and
-    {run name: wall seconds} of the runs trained now."""
-    specs, seconds = [], {}
+def train_all(args, config_dir: Path, runs_dir: Path, overrides: list[str]
+              ) -> tuple[list[RunSpec], list[RunSpec], dict]:
+    """Per seed: the init run, then every method from the init's student. Returns the init runs, the
+    method runs and {run name: wall seconds} of the runs trained now."""
+    inits, specs, seconds = [], [], {}
     for seed in range(1, args.seeds + 1):
         start_from = []
         if args.init != "none":
             init = RunSpec(INIT, config_dir / f"{args.init}.yaml", seed)
             seconds[init.name] = run_one(init, runs_dir, Path(args.out) / "logs", args.world_size, overrides)
             start_from = [f"student.path={scored_student(runs_dir / init.name / 'student_hf')[0].resolve()}"]
+            inits.append(init)
         for label in args.methods:
             spec = RunSpec(label, config_dir / f"{label}.yaml", seed)
             seconds[spec.name] = run_one(spec, runs_dir, Path(args.out) / "logs", args.world_size,
                                          [*overrides, *start_from])
             specs.append(spec)
-    return specs, {name: s for name, s in seconds.items() if s is not None}
+    return inits, specs, {name: s for name, s in seconds.items() if s is not None}
 
 
-def _run_row(spec: RunSpec, run_dir: Path, score) -> dict:
+def _run_row(spec: RunSpec, method: str, run_dir: Path, score) -> dict:
     model_dir, checkpoint = scored_student(run_dir / "student_hf")
     step_s, memory = _run_cost(run_dir)
-    return {"name": spec.name, "label": spec.label, "method": load_config(spec.config).method, "seed": spec.seed,
+    return {"name": spec.name, "label": spec.label, "method": method, "seed": spec.seed,
             "checkpoint": checkpoint, "scores": score(run_dir / "comparison_scores.json", model_dir),
             "step_s": step_s, "peak_memory_mb": memory}
 
@@ -121,7 +123,10 @@ def main(argv=None) -> Path:
     runs_dir = out / "runs"
     run_overrides = [*RUN_DEFAULTS, *args.overrides]
     configs = [load_config(config_dir / f"{label}.yaml", run_overrides) for label in args.methods]
-    specs, trained = train_all(args, config_dir, runs_dir, run_overrides)
+    methods = {label: cfg.method for label, cfg in zip(args.methods, configs, strict=True)}
+    if args.init != "none":  # read before training: a bad init config fails before any run starts
+        methods[INIT] = load_config(config_dir / f"{args.init}.yaml", run_overrides).method
+    init_specs, specs, trained = train_all(args, config_dir, runs_dir, run_overrides)
 
     records = read_jsonl(resolve_path(args.eval_file))
     records = records[: args.eval_examples] if args.eval_examples else records
@@ -140,16 +145,14 @@ def main(argv=None) -> Path:
         teacher_dir, records, args.max_new_tokens, with_teacher.ka.resample_prob, eval_seeds))
     student_base = score(out / "student_scores.json", resolve_path(configs[0].student.path))
     inits = {}
-    if args.init != "none":
-        for seed in range(1, args.seeds + 1):
-            spec = RunSpec(INIT, config_dir / f"{args.init}.yaml", seed)
-            print(f"[compare] scoring {spec.name}")
-            inits[spec.name] = _run_row(spec, runs_dir / spec.name, score)
+    for spec in init_specs:
+        print(f"[compare] scoring {spec.name}")
+        inits[spec.name] = _run_row(spec, methods[INIT], runs_dir / spec.name, score)
     runs = {}
     for spec in specs:
         run_dir = runs_dir / spec.name
         print(f"[compare] scoring {spec.name}")
-        runs[spec.name] = _run_row(spec, run_dir, score)
+        runs[spec.name] = _run_row(spec, methods[spec.label], run_dir, score)
         if (run_dir / "sar_teacher_hf").is_dir():
             runs[spec.name]["router_movement"] = _cached(
                 run_dir / "router_movement.json", key,

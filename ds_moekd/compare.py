@@ -15,13 +15,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-
+from ds_moekd import plots
 from ds_moekd.atomic import write_text
-from ds_moekd.telemetry import FINAL_LOSS, final_loss, moving_average, read_metrics
+from ds_moekd.telemetry import FINAL_LOSS, final_loss, read_metrics
 
 SCORE_METRICS = {"rouge_l": "ROUGE-L F1 (x100)", "exact_match": "exact match (%)",
                  "exact_match_strict": "strict exact match (%)"}
@@ -121,86 +117,8 @@ def _name_eval_sets(results: list[tuple[str, dict]]) -> None:
         seen[(label, r["_set"])] = r["_file"]
 
 
-def _label_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
-    """Title, axis labels, grid, and a legend of whatever was drawn with a label (a run may lack a curve)."""
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-
-
-def _save(fig, path: Path, **tight_layout) -> None:
-    fig.tight_layout(**tight_layout)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
-    _label_axes(ax, title, xlabel, ylabel)
-    _save(fig, path)
-
-
 def _eval_set(result: dict) -> str:
     return result["_set"]  # set by collect (_name_eval_sets)
-
-
-def plot_scores(results: list[tuple[str, dict]], metric: str, path: Path) -> None:
-    """One panel per eval set (own y scale), a bar per system that has a result there; colours fixed per system."""
-    sets = sorted({_eval_set(r) for _, r in results})
-    systems = list(dict.fromkeys(label for label, _ in results))
-    colors = {system: plt.cm.tab10(i % 10) for i, system in enumerate(systems)}
-    table = {(label, _eval_set(r)): r[metric] for label, r in results}
-    ncols = min(3, len(sets))
-    nrows = -(-len(sets) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(max(8.0, 4.6 * ncols), 3.6 * nrows + 0.4 * len(systems) / ncols + 0.8),
-                             squeeze=False)
-    for ax, eval_set in zip(axes.flat, sets):
-        present = [s for s in systems if (s, eval_set) in table]
-        cells = [table[(s, eval_set)] for s in present]
-        bars = ax.bar(range(len(present)), [c["mean"] for c in cells], yerr=[c["std"] for c in cells], capsize=3,
-                      color=[colors[s] for s in present])
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
-        ax.set_xticks([])
-        ax.set_title(eval_set)
-        ax.set_ylabel(SCORE_METRICS[metric])
-        ax.set_ylim(0, max([c["mean"] + c["std"] for c in cells] + [1e-3]) * 1.2)
-        ax.grid(alpha=0.3, axis="y")
-    for ax in list(axes.flat)[len(sets):]:
-        ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[s]) for s in systems]
-    fig.legend(handles, systems, loc="lower center", ncol=min(3, len(systems)), fontsize=8)
-    fig.suptitle(f"{SCORE_METRICS[metric]} per evaluation set\n(bars: mean, whiskers: std over seeds)")
-    _save(fig, path, rect=(0, 0.04 + 0.035 * -(-len(systems) // 3), 1, 1))
-
-
-def plot_loss(runs: list[Run], path: Path) -> None:
-    """The training objective (differs by method), and cross-entropy on dataset responses where logged."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, ax, title in (("loss", axes[0], "Training objective (method's own loss)"),
-                           ("ce", axes[1], "Cross-entropy on dataset responses")):
-        for i, run in enumerate(runs):
-            points = [(m["step"], m[key]) for m in run.metrics if key in m]
-            if points:  # raw steps faint, a moving average solid: single steps are noisy
-                steps, values = zip(*points)
-                window = max(1, len(values) // 25)
-                ax.plot(steps, values, color=f"C{i}", alpha=0.2, linewidth=0.8)
-                ax.plot(steps, moving_average(list(values), window), color=f"C{i}",
-                        label=f"{_run_label(run)}, {window}-step mean")
-        _label_axes(ax, title, "optimizer step", "nats per response token")
-    _save(fig, path)
-
-
-def plot_validation(runs: list[Run], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("rouge_l", "exact_match_strict")):
-        for run in runs:
-            if run.validation:
-                ax.plot([v["step"] for v in run.validation], [v[metric] for v in run.validation], marker="o",
-                        label=_run_label(run))
-        _label_axes(ax, f"Validation {SCORE_METRICS[metric]}", "optimizer step", SCORE_METRICS[metric])
-    _save(fig, path)
 
 
 def steady_tokens_per_s(run: Run) -> float:
@@ -209,22 +127,10 @@ def steady_tokens_per_s(run: Run) -> float:
     return sum(m["tokens"] for m in steady) / sum(m["step_s"] for m in steady)
 
 
-def plot_throughput(runs: list[Run], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(runs)), 4))
-    labels = [_run_label(r).replace(" (", "\n(") for r in runs]
-    ax.bar(labels, [steady_tokens_per_s(r) for r in runs], color="tab:green")
-    _finish(fig, ax, path, "Training throughput per run (after warm-up)", "run (method)",
-            "tokens per second (all ranks)")
-
-
-def plot_gate_mass(gate_mass: dict[str, list[float]], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, mass in gate_mass.items():
-        ax.plot(range(len(mass)), [100 * m for m in mass], marker="o", label=label)
-    ax.set_xticks(range(max(len(m) for m in gate_mass.values())))
-    ax.set_ylim(bottom=0)
-    _finish(fig, ax, path, "Teacher router mass on experts outside the native top-k", "MoE layer index",
-            "non-activated gate mass (% of router probability)")
+def _curve(rows: list[dict], key: str) -> plots.Curve | None:
+    """(steps, values) of the rows that logged `key`; None if none did."""
+    points = [(row["step"], row[key]) for row in rows if key in row]
+    return tuple(map(list, zip(*points))) if points else None
 
 
 def _cell(result: dict | None, metric: str) -> str:
@@ -244,7 +150,9 @@ def write_report(inputs: Inputs, out: Path) -> list[str]:
         systems = list(dict.fromkeys(label for label, _ in inputs.results))
         by_key = {(label, _eval_set(r)): r for label, r in inputs.results}
         for metric in ("rouge_l", "exact_match_strict"):
-            plot_scores(inputs.results, metric, out / f"scores_{metric}.png")
+            plots.score_bars_per_set(out / f"scores_{metric}.png", SCORE_METRICS[metric], systems,
+                                     {(label, _eval_set(r)): (r[metric]["mean"], r[metric]["std"])
+                                      for label, r in inputs.results}, sets)
             pngs.append(f"scores_{metric}.png")
             lines += [f"## {SCORE_METRICS[metric]} (mean ± std over seeds)", "",
                       "| system | " + " | ".join(sets) + " |", "|---" * (len(sets) + 1) + "|"]
@@ -261,8 +169,10 @@ def write_report(inputs: Inputs, out: Path) -> list[str]:
                          f"{'-' if st['greedy'] else ','.join(map(str, st['seeds']))} |")
         lines.append("")
     if inputs.runs:
-        plot_loss(inputs.runs, out / "loss.png")
-        plot_throughput(inputs.runs, out / "throughput.png")
+        labels = [_run_label(run) for run in inputs.runs]
+        plots.loss_curves_per_run(out / "loss.png", labels, [_curve(run.metrics, "loss") for run in inputs.runs],
+                                  [_curve(run.metrics, "ce") for run in inputs.runs])
+        plots.throughput_bars(out / "throughput.png", labels, [steady_tokens_per_s(run) for run in inputs.runs])
         pngs += ["loss.png", "throughput.png"]
         lines += ["## Runs", "", (f"| run | method | steps | world size | tokens/s (all ranks) | {FINAL_LOSS} | "
                                   "best validation |"), "|---|---|---|---|---|---|---|"]
@@ -274,12 +184,15 @@ def write_report(inputs: Inputs, out: Path) -> list[str]:
                          f"{final_loss(run.metrics):.4f} | {best_text} |")
         lines += ["", "![loss](loss.png)", "", "![throughput](throughput.png)", ""]
         if any(run.validation for run in inputs.runs):
-            plot_validation(inputs.runs, out / "validation.png")
+            plots.validation_curves(out / "validation.png", [
+                (SCORE_METRICS[metric], {_run_label(run): _curve(run.validation, metric)
+                                         for run in inputs.runs if run.validation})
+                for metric in ("rouge_l", "exact_match_strict")])
             pngs.append("validation.png")
             lines += ["![validation](validation.png)", ""]
     lines += ["## Teacher routing: non-activated gate mass", ""]
     if inputs.gate_mass:
-        plot_gate_mass(inputs.gate_mass, out / "gate_mass.png")
+        plots.gate_mass_per_layer(out / "gate_mass.png", inputs.gate_mass)
         pngs.append("gate_mass.png")
         lines += [("Router probability on experts that native top-k routing leaves out, per MoE layer: the "
                    "knowledge ALL/KA/SAR reach."), "", "![gate mass](gate_mass.png)", ""]

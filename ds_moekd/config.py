@@ -1,6 +1,8 @@
 """Run configuration: frozen dataclasses loaded from YAML/JSON plus dotted CLI overrides.
 
-Every validation error names the field path (`optim.lr`), the bad value and, when the value
+Each section validates itself (`checks()`: its fields alone); `RunConfig.checks()` holds the rules
+that span sections, asking the method registry (ds_moekd/methods/registry.py) for the method's
+facts. Every validation error names the field path (`optim.lr`), the bad value and, when the value
 came from a file, the file and line it came from.
 """
 
@@ -17,8 +19,9 @@ from typing import Any
 
 import yaml
 
-METHODS = ("sft", "kd", "gkd", "all", "ka", "sar")  # ds_moekd/methods, one file each
-ON_POLICY_METHODS = ("gkd", "all", "ka", "sar")
+from ds_moekd.errors import ConfigError
+from ds_moekd.methods.registry import METHODS, method_class
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: follow `precision`
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # ds_moekd/device.py
 DIST_BACKENDS = ("auto", "nccl", "gloo")
@@ -27,10 +30,18 @@ DATA_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "sni", "chat")  # d
 # ds_moekd.kernels' backends (spelled out here so loading a config does not import the kernels)
 EXPERT_BACKENDS = ("auto", "torch", "triton", "torch_grouped_mm", "megablocks")
 LOSS_BACKENDS = ("auto", "torch", "triton")
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+ROLLOUT_MODES = ("gather", "layerwise")
+VALIDATION_METRICS = ("rouge_l", "exact_match", "exact_match_strict")
+# fields that left their section: a config naming the old place is refused with the new one
+MOVED_FIELDS = {
+    "kd.temperature": "loss.temperature",
+    "kd.token_chunk": "loss.token_chunk",
+    "kd.loss_backend": "loss.backend",
+    "kd.fused_head": "loss.fused_head",
+}
 
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown or invalid; the message says which and where."""
+Check = tuple[str, Any, str]  # (field name in its section, passes, what is expected)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +58,15 @@ class DataConfig:
     micro_batch_size: int = 8  # sequences (packed rows with `packing`) per rank per micro-step
     packing: bool = False  # pack examples into rows of max_prompt_tokens + max_response_tokens (sft, kd)
 
+    def checks(self) -> list[Check]:
+        return [
+            ("format", self.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
+            ("template", self.template in ("alpaca", "chat"), "alpaca or chat"),
+            ("micro_batch_size", self.micro_batch_size >= 1, "at least 1"),
+            ("max_prompt_tokens", self.max_prompt_tokens >= 1, "at least 1"),
+            ("max_response_tokens", self.max_response_tokens >= 1, "at least 1"),
+        ]
+
 
 @dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
@@ -54,6 +74,13 @@ class TeacherConfig:
     ep_size: int = 0  # expert-parallel size; 0 = the whole world
     dtype: str = "auto"  # auto: the run's precision (bf16 on GPUs, fp32 on CPU); or float32, bfloat16, float16
     expert_backend: str = "auto"  # expert FFN kernels (ds_moekd.kernels): auto, torch, triton, torch_grouped_mm, megablocks
+
+    def checks(self) -> list[Check]:
+        return [
+            ("ep_size", self.ep_size >= 0, "0 (whole world) or a positive divisor of the world size"),
+            ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
+            ("expert_backend", self.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,6 +92,12 @@ class LoRAConfig:
     dropout: float = 0.0
     target_modules: str = "all-linear"  # or comma-separated module names, e.g. q_proj,v_proj
     merge: bool = False  # export the merged full model instead of the adapters
+
+    def checks(self) -> list[Check]:
+        return [
+            ("r", self.r >= 0, "0 (off) or a positive rank"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,16 +120,44 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # decay floor, as a fraction of lr
     grad_clip: float = 1.0
 
+    def checks(self) -> list[Check]:
+        return [
+            ("lr", self.lr > 0, "positive"),
+            ("warmup_steps", self.warmup_steps >= 0, "0 or more"),
+            ("schedule", self.schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "between 0 and 1"),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """What every method's loss shares (losses/, docs/methods.md); each method's own weights stay in
+    its section (kd.ce_weight, gkd.divergence, ...)."""
+
+    backend: str = "auto"  # divergence kernels (ds_moekd.kernels): auto, torch, triton
+    fused_head: bool = True  # student (and teacher) logits formed chunk by chunk inside the loss, never whole
+    token_chunk: int = 0  # tokens per loss chunk (fp32 working set chunk x vocab); 0: auto in the fused head
+    # (chunk x vocab ~ tokens x hidden, ds_moekd.kernels.divergence.auto_token_chunk), all at once on full logits
+    temperature: float = 1.0  # the divergence's temperature: D(softmax(p/T) || softmax(q/T))
+
+    def checks(self) -> list[Check]:
+        return [
+            ("backend", self.backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
+            ("token_chunk", self.token_chunk >= 0, "0 or more"),
+            ("temperature", self.temperature > 0, "positive"),
+        ]
+
 
 @dataclass(frozen=True, kw_only=True)
 class KDConfig:
     ce_weight: float = 0.5  # word-level KD: 0.5 CE + 0.5 KL(p||q) (paper's setting)
     kl_weight: float = 0.5
-    temperature: float = 1.0
-    token_chunk: int = 0  # tokens per loss chunk (fp32 working set chunk x vocab); 0: auto in the fused head
-    # (chunk x vocab ~ tokens x hidden, ds_moekd.kernels.divergence.auto_token_chunk), all at once on full logits
-    loss_backend: str = "auto"  # divergence kernels (ds_moekd.kernels): auto, torch, triton
-    fused_head: bool = True  # student (and teacher) logits formed chunk by chunk inside the loss, never whole
+
+    def checks(self) -> list[Check]:
+        return [
+            ("ce_weight", self.ce_weight >= 0, "0 or more"),
+            ("kl_weight", self.kl_weight >= 0, "0 or more"),
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,7 +171,7 @@ class GKDConfig:
     beta: float = 0.5  # jsd's mixture weight
     ce_weight: float = 0.0  # CE on the (possibly self-generated) responses; the authors use none
     max_new_tokens: int = 256  # rollout length (authors: max length 512 = prompt 256 + 256)
-    temperature: float = 1.0  # rollout sampling
+    temperature: float = 1.0  # rollout sampling (the loss's temperature is loss.temperature)
     top_k: int = 0  # 0: no cut
     top_p: float = 1.0
     rollout: str = "gather"  # gather: whole student once per rollout; layerwise: ZeRO-3 gathers per layer
@@ -127,10 +188,6 @@ class GKDConfig:
             ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
             ("rollout", self.rollout in ROLLOUT_MODES, f"one of {ROLLOUT_MODES}"),
         ]
-
-
-DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
-ROLLOUT_MODES = ("gather", "layerwise")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +248,22 @@ class TrainConfig:
     watchdog_s: float = 300.0  # exit when a rank makes no progress for this long (0 = off)
     collective_timeout_s: float = 600.0  # torch.distributed timeout of every collective
 
+    def checks(self) -> list[Check]:
+        return [
+            ("steps", self.steps >= 1, "at least 1"),
+            ("epochs", self.epochs >= 0, "0 (use train.steps) or more"),
+            ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, "at least 1"),
+            ("log_every", self.log_every >= 1, "at least 1"),
+            ("save_every", self.save_every >= 0, "0 or more"),
+            ("dist_backend", self.dist_backend in DIST_BACKENDS, f"one of {DIST_BACKENDS}"),
+            ("keep_checkpoints", self.keep_checkpoints >= 0, "0 (keep all) or more"),
+            ("nonfinite", self.nonfinite in ("skip", "stop"), "skip or stop"),
+            ("max_skipped_steps", self.max_skipped_steps >= 0, "0 or more"),
+            ("spike_factor", self.spike_factor == 0 or self.spike_factor > 1, "0 (off) or above 1"),
+            ("watchdog_s", self.watchdog_s >= 0, "0 (off) or more seconds"),
+            ("collective_timeout_s", self.collective_timeout_s > 0, "positive seconds"),
+        ]
+
 
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
@@ -200,8 +273,8 @@ class ReportConfig:
     eval_examples: int = 256  # how many of its records (0 = skip)
     max_new_tokens: int = 32
 
-
-VALIDATION_METRICS = ("rouge_l", "exact_match", "exact_match_strict")
+    def checks(self) -> list[Check]:
+        return [("eval_examples", self.eval_examples >= 0, "0 or more")]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,7 +289,18 @@ class ValidationConfig:
     batch_size: int = 16
     metric: str = "rouge_l"  # decides the best checkpoint (the paper reports best-ROUGE-L checkpoints)
     keep_best: bool = True  # write the best student to <run>/best_student_hf (atomically)
-    generation: str = "gather"  # gather: full student copy per rank (fast); synced: ZeRO-3 synced_gpus
+    generation: str = "gather"  # gather: full student copy per rank (fast); synced: the ZeRO-3 student decodes layer by layer in lockstep
+
+    def checks(self) -> list[Check]:
+        return [
+            ("every", self.every >= 0, "0 (off) or more"),
+            ("format", self.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
+            ("examples", self.examples >= 0, "0 (all) or more"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("metric", self.metric in VALIDATION_METRICS, f"one of {VALIDATION_METRICS}"),
+            ("generation", self.generation in ("gather", "synced"), "gather or synced"),
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,6 +327,7 @@ class RunConfig:
     student: StudentConfig
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     gkd: GKDConfig = field(default_factory=GKDConfig)
     ka: KAConfig = field(default_factory=KAConfig)
@@ -256,67 +341,47 @@ class RunConfig:
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    def checks(self) -> list[Check]:
+        """The rules that span sections; the method's facts come from its class (methods/registry.py)."""
+        if self.method not in METHODS:
+            return [("method", False, f"one of {tuple(METHODS)} (ds_moekd/methods/registry.py)")]
+        method = method_class(self.method)
+        validated_on = self.validation.file or self.data.valid_file
+        return [
+            ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
+            ("teacher.path", not method.needs_teacher or self.teacher.path, f"required for method {self.method!r}"),
+            ("data.packing", not self.data.packing or method.supports_packing,
+             f"false for method {self.method!r}: packing applies to dataset responses, not rollouts"),
+            ("student.lora.r", not self.student.lora.r or method.supports_lora,
+             f"0 for method {self.method!r}: its rollouts need the plain student (LoRA trains with off-policy methods)"),
+            ("report.eval_file", not (self.validation.every and self.validation.keep_best and self.report.eval_file
+                                      and self.report.eval_file == validated_on),
+             "a held-out set other than the one validation chooses the best checkpoint on"),
+            ("validation.file", not self.validation.every or validated_on,
+             "a validation file (or set data.valid_file)"),
+        ]
 
-def _validate(cfg: RunConfig) -> None:
-    checks = [
-        ("method", cfg.method in METHODS, f"one of {METHODS}"),
-        ("teacher.path", cfg.method == "sft" or cfg.teacher.path, f"required for method {cfg.method!r}"),
-        ("teacher.ep_size", cfg.teacher.ep_size >= 0, "0 (whole world) or a positive divisor of the world size"),
-        ("precision", cfg.precision in PRECISIONS, f"one of {PRECISIONS}"),
-        ("teacher.dtype", cfg.teacher.dtype in DTYPES, f"one of {DTYPES}"),
-        ("train.dist_backend", cfg.train.dist_backend in DIST_BACKENDS, f"one of {DIST_BACKENDS}"),
-        ("teacher.expert_backend", cfg.teacher.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
-        ("kd.loss_backend", cfg.kd.loss_backend in LOSS_BACKENDS, f"one of {LOSS_BACKENDS}"),
-        ("data.format", cfg.data.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
-        ("data.template", cfg.data.template in ("alpaca", "chat"), "alpaca or chat"),
-        ("data.micro_batch_size", cfg.data.micro_batch_size >= 1, "at least 1"),
-        ("data.packing", not cfg.data.packing or cfg.method in ("sft", "kd"),
-         f"false for method {cfg.method!r}: packing applies to dataset responses (sft, kd)"),
-        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "at least 1"),
-        ("data.max_response_tokens", cfg.data.max_response_tokens >= 1, "at least 1"),
-        ("student.lora.r", cfg.student.lora.r >= 0, "0 (off) or a positive rank"),
-        ("student.lora.dropout", 0 <= cfg.student.lora.dropout < 1, "in [0, 1)"),
-        ("student.lora.r", not cfg.student.lora.r or cfg.method in ("sft", "kd"),
-         f"0 for method {cfg.method!r}: a LoRA student trains with sft or kd (rollouts need the plain student)"),
-        ("optim.lr", cfg.optim.lr > 0, "positive"),
-        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "0 or more"),
-        ("optim.schedule", cfg.optim.schedule in LR_SCHEDULES, f"one of {LR_SCHEDULES}"),
-        ("optim.min_lr_ratio", 0 <= cfg.optim.min_lr_ratio <= 1, "between 0 and 1"),
-        ("kd.temperature", cfg.kd.temperature > 0, "positive"),
-        ("kd.ce_weight", cfg.kd.ce_weight >= 0, "0 or more"),
-        ("kd.kl_weight", cfg.kd.kl_weight >= 0, "0 or more"),
-        ("kd.token_chunk", cfg.kd.token_chunk >= 0, "0 or more"),
-        ("train.steps", cfg.train.steps >= 1, "at least 1"),
-        ("train.epochs", cfg.train.epochs >= 0, "0 (use train.steps) or more"),
-        ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps >= 1, "at least 1"),
-        ("train.log_every", cfg.train.log_every >= 1, "at least 1"),
-        ("train.save_every", cfg.train.save_every >= 0, "0 or more"),
-        ("train.keep_checkpoints", cfg.train.keep_checkpoints >= 0, "0 (keep all) or more"),
-        ("train.nonfinite", cfg.train.nonfinite in ("skip", "stop"), "skip or stop"),
-        ("train.max_skipped_steps", cfg.train.max_skipped_steps >= 0, "0 or more"),
-        ("train.spike_factor", cfg.train.spike_factor == 0 or cfg.train.spike_factor > 1, "0 (off) or above 1"),
-        ("train.watchdog_s", cfg.train.watchdog_s >= 0, "0 (off) or more seconds"),
-        ("train.collective_timeout_s", cfg.train.collective_timeout_s > 0, "positive seconds"),
-        ("report.eval_examples", cfg.report.eval_examples >= 0, "0 or more"),
-        ("report.eval_file", not (cfg.validation.every and cfg.validation.keep_best and cfg.report.eval_file
-                                  and cfg.report.eval_file == (cfg.validation.file or cfg.data.valid_file)),
-         "a held-out set other than the one validation chooses the best checkpoint on"),
-        ("validation.every", cfg.validation.every >= 0, "0 (off) or more"),
-        ("validation.file", not cfg.validation.every or cfg.validation.file or cfg.data.valid_file,
-         "a validation file (or set data.valid_file)"),
-        ("validation.format", cfg.validation.format in DATA_FORMATS, f"one of {DATA_FORMATS}"),
-        ("validation.examples", cfg.validation.examples >= 0, "0 (all) or more"),
-        ("validation.max_new_tokens", cfg.validation.max_new_tokens >= 1, "at least 1"),
-        ("validation.batch_size", cfg.validation.batch_size >= 1, "at least 1"),
-        ("validation.metric", cfg.validation.metric in VALIDATION_METRICS, f"one of {VALIDATION_METRICS}"),
-        ("validation.generation", cfg.validation.generation in ("gather", "synced"), "gather or synced"),
-    ]
-    for section in ("gkd", "ka", "sar"):  # each method's section validates itself
-        checks += [(f"{section}.{name}", ok, expected) for name, ok, expected in getattr(cfg, section).checks()]
-    for path, ok, expected in checks:
+
+def ignored_sections(cfg: RunConfig) -> list[str]:
+    """Method sections set away from their defaults that the run's method does not read (a warning:
+    one config often serves several methods through `method=` overrides)."""
+    reads = method_class(cfg.method).sections
+    owned = {name for cls in METHODS.values() for name in cls.sections}
+    return [name for name in sorted(owned - set(reads))
+            if getattr(cfg, name) != type(getattr(cfg, name))()]
+
+
+def _validate(section: Any, prefix: str = "") -> None:
+    """Run the checks of every section nested in `section` (depth first), then its own: a field's own
+    rule speaks before a rule spanning sections."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate(value, f"{prefix}{f.name}.")
+    for name, ok, expected in section.checks() if hasattr(section, "checks") else []:
         if not ok:
-            value = _get_path(cfg, path)
-            raise ConfigError(f"config field {path}={value!r} is invalid: expected {expected}")
+            path = f"{prefix}{name}"
+            raise ConfigError(f"config field {path}={_get_path(section, name)!r} is invalid: expected {expected}")
 
 
 def _get_path(obj: Any, path: str) -> Any:
@@ -370,8 +435,11 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in values:
+        where = f"{prefix}.{key}" if prefix else key
+        if where in MOVED_FIELDS:
+            raise ConfigError(f"config field {where!r} is set in the wrong section: what every method's loss "
+                              f"shares is in the loss section; use {MOVED_FIELDS[where]}")
         if key not in known:
-            where = f"{prefix}.{key}" if prefix else key
             raise ConfigError(f"unknown config field {where!r}; known fields here: {sorted(known)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
@@ -467,7 +535,7 @@ def check_paths_exist(cfg: RunConfig) -> None:
         "report.eval_file": cfg.report.eval_file,
         "student.path": cfg.student.path,
         "student.deepspeed_config": None if cfg.student.deepspeed_config == "auto" else cfg.student.deepspeed_config,
-        "teacher.path": cfg.teacher.path if cfg.method != "sft" else None,
+        "teacher.path": cfg.teacher.path if method_class(cfg.method).needs_teacher else None,
     }
     for field_path, value in fields.items():
         if value is None or (field_path.split(".")[1].endswith("_file") and _is_dataset_name(value)):

@@ -1,100 +1,132 @@
-"""The one decoder: new token ids for left-padded prompts, with a KV cache, alone or in lockstep.
+"""The one decoder: responses to token-id prompts, with a KV cache, alone or in lockstep (docs/rollouts.md).
 
-It drives any causal LM of the project the same way: a Hugging Face model (a plain student, or
-the student inside a ZeRO-3 engine), and the expert-parallel `MoETeacher` (with a routing
-policy). Rollouts for on-policy training, sequence-level KD's teacher responses and evaluation's
-text generation all run through `decode_ids` (docs/rollouts.md).
+`decode` serves on-policy rollouts (ds_moekd/student/rollout.py), sequence-level KD's teacher
+responses, evaluation and validation (ds_moekd/eval/runner.py) and the demo's scores. It knows no
+model class: it calls a `Forward`, which a Hugging Face model gets from `HFForward` and the
+expert-parallel teacher from `MoETeacher.decoding_forward(routing)`.
 
-Tokens are drawn by `ds_moekd.rng.sample_tokens`, keyed by (seed, step, the row's global example
-key, position counting real tokens only), so a row's tokens do not depend on which rows share its
+Tokens are drawn by `ds_moekd.rng.sample_tokens`, keyed by (seed, step, the row's example key,
+position counting real tokens only), so a row's tokens do not depend on which rows share its
 batch, the padding, the number of ranks or the model wrapper.
 
 Lockstep: when a forward is collective (the teacher's MoE layers exchange tokens over the EP
-group; a ZeRO-3 student gathers each layer's parameters over the data-parallel group), every rank
-of `lockstep_group` must run the same number of forwards. After each step the group agrees
-(all-reduce MAX) whether any rank still decodes; a rank that is done keeps feeding padding whose
-outputs it ignores. So ranks with prompts or responses of different lengths never deadlock.
+group; a partitioned ZeRO-3 student gathers each layer's parameters over the data-parallel group),
+every rank of the forward's `lockstep_group` must run the same number of forwards. The group agrees
+(all-reduce MAX) on the number of batches and, after each step, on whether any rank still decodes;
+a rank that is done feeds padding (or a dummy row) whose outputs it ignores. So ranks with
+different numbers of prompts, or responses of different lengths, never deadlock.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 from transformers import DynamicCache
 
 from ds_moekd.rng import Sampling, sample_tokens
-from ds_moekd.zero3_linear import torch_linear
+from ds_moekd.student.zero3 import torch_linear
+
+
+class Forward(Protocol):
+    """What the decoder needs of a model. A call runs the model on `input_ids_BS` (first the whole
+    left-padded prompts, then one new token per row), with `attention_mask_BS` covering the cached
+    tokens too, and returns the last position's logits `[B, V]` and the KV cache (`cache` is None on
+    the first call: the forward makes one). `keys_B` are the rows' example keys (a teacher keys its
+    routing draws by them)."""
+
+    device: torch.device
+    lockstep_group: dist.ProcessGroup | None  # the ranks whose forwards are collective; None: alone
+
+    def __call__(self, input_ids_BS: torch.Tensor, attention_mask_BS: torch.Tensor, position_ids_BS: torch.Tensor,
+                 keys_B: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]: ...
+
+
+class HFForward:
+    """A Hugging Face causal LM as a `Forward`: a plain model, or the partitioned module of a ZeRO-3
+    engine with its data-parallel group as `lockstep_group` (each forward gathers its layers)."""
+
+    def __init__(self, model: torch.nn.Module, lockstep_group: dist.ProcessGroup | None = None):
+        self.model, self.lockstep_group = model, lockstep_group
+        self.device = next(model.parameters()).device
+
+    def __call__(self, input_ids_BS, attention_mask_BS, position_ids_BS, keys_B, cache):
+        cache = DynamicCache(config=self.model.config) if cache is None else cache
+        with torch_linear():
+            out = self.model(input_ids=input_ids_BS, attention_mask=attention_mask_BS, position_ids=position_ids_BS,
+                             cache=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], cache
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decoding:
+    max_new_tokens: int
+    sampling: Sampling | None  # None: greedy
+    eos_token_id: int | None
+    pad_token_id: int
+    vocab_limit: int | None = None  # the tokenizer's length: padded lm_head rows are never drawn
+    seed: int = 0
+    step: int = 0
+    batch_size: int | None = None  # prompts per batch, taken in order of length; None: all in one batch
 
 
 # no_grad, not inference_mode: synced validation decodes with the live ZeRO-3 module, and parameters
 # gathered under inference mode become inference tensors that the next training backward cannot save.
 @torch.no_grad()
-def decode_ids(
-    model,
-    input_ids_BS: torch.Tensor,
-    attention_mask_BS: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    sampling: Sampling | None,
-    seed: int = 0,
-    step: int = 0,
-    keys_B: torch.Tensor | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
-    vocab_limit: int | None = None,
-    lockstep_group: dist.ProcessGroup | None = None,
-    routing=None,
-) -> torch.Tensor:
-    """New tokens `[B, n]` after each left-padded prompt (n <= max_new_tokens: the steps this
-    rank's rows needed; a row that ended early is filled with `pad_token_id` after its EOS).
+def decode(forward: Forward, prompts: list[list[int]], keys: list[int], decoding: Decoding, *,
+           on_batch: Callable[[], None] | None = None) -> list[list[int]]:
+    """Each prompt's new tokens, in the prompts' order: up to and including the first EOS, or
+    `max_new_tokens` of them. `keys` are the prompts' example keys (global indices: sampling keys).
 
-    `sampling=None` decodes greedily. `keys_B` are the rows' global example keys (default
-    0..B-1); `routing` is a teacher routing policy (MoETeacher only). `lockstep_group`: the
-    ranks whose forwards are collective (None: this rank decodes alone).
-    """
-    from ds_moekd.teacher import MoETeacher
+    Every rank of `forward.lockstep_group` calls this, with or without prompts of its own.
+    `on_batch` is called after each batch that held prompts of this rank."""
+    device = forward.device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
+    size = decoding.batch_size or max(1, len(prompts))
+    batches = [order[s:s + size] for s in range(0, len(order), size)]
+    filler = decoding.pad_token_id if decoding.eos_token_id is None else decoding.eos_token_id
+    responses: list[list[int]] = [[] for _ in prompts]
+    for b in range(group_max(len(batches), forward.lockstep_group, device)):
+        rows = batches[b] if b < len(batches) else []  # none left: a dummy row keeps the group's forwards matched
+        ids, mask = left_pad([prompts[i] for i in rows] or [[filler]], decoding.pad_token_id)
+        keys_B = torch.tensor([keys[i] for i in rows] or [-1], dtype=torch.long, device=device)
+        new_BN = _decode_batch(forward, ids.to(device), mask.to(device), keys_B, decoding)
+        for r, i in enumerate(rows):
+            responses[i] = cut_at_eos(new_BN[r].tolist(), decoding.eos_token_id)
+        if on_batch is not None and rows:
+            on_batch()
+    return responses
 
+
+def _decode_batch(forward: Forward, input_ids_BS: torch.Tensor, mask_BS: torch.Tensor, keys_B: torch.Tensor,
+                  decoding: Decoding) -> torch.Tensor:
+    """New tokens `[B, n]` after each left-padded prompt (n <= max_new_tokens: the steps this rank's
+    rows needed; a row that ended early is filled with the pad token after its EOS)."""
     batch, device = input_ids_BS.shape[0], input_ids_BS.device
-    is_teacher = isinstance(model, MoETeacher)
-    if routing is not None and not is_teacher:
-        raise ValueError("a routing policy applies to the expert-parallel teacher (MoETeacher) only")
-    keys_B = torch.arange(batch, device=device) if keys_B is None else keys_B.to(device)
-    if is_teacher and lockstep_group is None:
-        lockstep_group = model.groups.ep_group  # its MoE layers are collective over the EP group
-    mask_BS = attention_mask_BS
-    cache = DynamicCache(config=model.config)
     position_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)
-
-    def forward(ids_BS, position_ids_BS):
-        if is_teacher:
-            out = model(ids_BS, mask_BS, position_ids_BS, routing=routing, sequence_index=keys_B, cache=cache,
-                        logits_to_keep=1)
-        else:
-            with torch_linear():
-                out = model(input_ids=ids_BS, attention_mask=mask_BS, position_ids=position_ids_BS, cache=cache,
-                            use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1]
-
-    logits_BV = forward(input_ids_BS, position_BS)
+    logits_BV, cache = forward(input_ids_BS, mask_BS, position_BS, keys_B, None)
     next_position_B = position_BS[:, -1] + 1
     done_B = torch.zeros(batch, dtype=torch.bool, device=device)
     new_tokens: list[torch.Tensor] = []
     while True:
-        if len(new_tokens) < max_new_tokens and not bool(done_B.all()):
-            next_B = sample_tokens(logits_BV, sampling, seed=seed, step=step, keys_B=keys_B,
-                                   positions_B=next_position_B, vocab_limit=vocab_limit)
-            next_B = torch.where(done_B, torch.full_like(next_B, pad_token_id), next_B)
+        if len(new_tokens) < decoding.max_new_tokens and not bool(done_B.all()):
+            next_B = sample_tokens(logits_BV, decoding.sampling, seed=decoding.seed, step=decoding.step, keys_B=keys_B,
+                                   positions_B=next_position_B, vocab_limit=decoding.vocab_limit)
+            next_B = torch.where(done_B, torch.full_like(next_B, decoding.pad_token_id), next_B)
             new_tokens.append(next_B)
-            if eos_token_id is not None:
-                done_B |= next_B == eos_token_id
+            if decoding.eos_token_id is not None:
+                done_B |= next_B == decoding.eos_token_id
             feed_B = next_B
         else:  # this rank is done: a dummy step keeps the group's collectives matched
-            feed_B = torch.full((batch,), pad_token_id, dtype=input_ids_BS.dtype, device=device)
-        more = len(new_tokens) < max_new_tokens and not bool(done_B.all())
-        if not group_max(int(more), lockstep_group, device):  # no rank of the group decodes any more
+            feed_B = torch.full((batch,), decoding.pad_token_id, dtype=input_ids_BS.dtype, device=device)
+        more = len(new_tokens) < decoding.max_new_tokens and not bool(done_B.all())
+        if not group_max(int(more), forward.lockstep_group, device):  # no rank of the group decodes any more
             break
         mask_BS = torch.cat([mask_BS, torch.ones_like(mask_BS[:, :1])], dim=1)
-        logits_BV = forward(feed_B[:, None], next_position_B[:, None])
+        logits_BV, cache = forward(feed_B[:, None], mask_BS, next_position_B[:, None], keys_B, cache)
         next_position_B = next_position_B + 1
     if not new_tokens:
         return input_ids_BS.new_zeros(batch, 0)
@@ -121,9 +153,8 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def cut_at_eos(ids: list[int], eos_token_id: int, *, keep_eos: bool) -> list[int]:
-    """The tokens up to the first EOS (inclusive when `keep_eos`), or all of them."""
-    if eos_token_id not in ids:
+def cut_at_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
+    """The tokens up to and including the first EOS, or all of them."""
+    if eos_token_id is None or eos_token_id not in ids:
         return ids
-    end = ids.index(eos_token_id)
-    return ids[: end + 1] if keep_eos else ids[:end]
+    return ids[: ids.index(eos_token_id) + 1]

@@ -27,6 +27,10 @@ class UserError(Exception):
     exit_code = EXIT_USAGE
 
 
+class ConfigError(ValueError):
+    """A config value is missing, unknown or invalid; the message says which and where."""
+
+
 class NumericsError(UserError):
     exit_code = EXIT_NUMERICS
 
@@ -62,8 +66,6 @@ def debug_enabled(argv: list[str]) -> bool:
 
 def classify(exc: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an exception escaping a command."""
-    from ds_moekd.config import ConfigError  # config imports nothing heavy
-
     if isinstance(exc, UserError):
         return exc.exit_code, str(exc)
     if isinstance(exc, ConfigError):

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from ds_moekd.assets import resolve_path
 from ds_moekd.config import RunConfig
 from ds_moekd.data.formats import EvalData, load_eval_data
+from ds_moekd.decoding import HFForward
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.eval.runner import EvalSettings, evaluate
 from ds_moekd.eval.validation import BEST_DIR
@@ -51,7 +52,7 @@ def _row(result: dict) -> dict:
 
 def _score_student(model_dir: Path, tokenizer, data: EvalData, settings: EvalSettings, device) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map=str(device)).eval()
-    return _row(evaluate(model, tokenizer, data, settings, progress=False))
+    return _row(evaluate(HFForward(model), tokenizer, data, settings, progress=False))
 
 
 def evaluate_held_out(cfg: RunConfig, tokenizer, teacher, groups: ParallelGroups, before_dir: Path,
@@ -68,8 +69,8 @@ def evaluate_held_out(cfg: RunConfig, tokenizer, teacher, groups: ParallelGroups
                             max_prompt_tokens=cfg.data.max_prompt_tokens, batch_size=64, template=cfg.data.template)
     teacher_row = None
     if teacher is not None:
-        result = evaluate(teacher, tokenizer, data, settings, rank=groups.rank, world_size=groups.world_size,
-                          world_group=groups.world_group, lockstep_group=groups.ep_group, progress=False)
+        result = evaluate(teacher.decoding_forward(), tokenizer, data, settings, rank=groups.rank,
+                          world_size=groups.world_size, world_group=groups.world_group, progress=False)
         teacher_row = _row(result)
     if groups.rank != 0:
         return None

@@ -11,8 +11,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_moekd.config import ON_POLICY_METHODS, RunConfig, load_config
+from ds_moekd.config import RunConfig, load_config
+from ds_moekd.methods import method_class
 from ds_moekd.plan_model import StudentShape, TeacherShape, student_shape, teacher_shape
+from ds_moekd.routing import experts_per_token as routed_experts
 
 GIB = 2**30
 MIB = 2**20
@@ -71,22 +73,18 @@ def _deepspeed_json(cfg: RunConfig, device: str) -> dict:
 
 def experts_per_token(cfg: RunConfig, teacher: TeacherShape) -> int:
     """Experts each teacher token runs under the method's routing (docs/methods.md)."""
-    if cfg.method in ("all", "sar"):
-        return teacher.num_experts
-    if cfg.method == "ka":
-        return cfg.ka.num_selected or teacher.num_experts - 1
-    return teacher.top_k
+    return routed_experts(method_class(cfg.method).teacher_routing(cfg), teacher.num_experts, teacher.top_k)
 
 
 def teacher_draws(cfg: RunConfig) -> int:
-    return cfg.ka.draws if cfg.method == "ka" else 1
+    return method_class(cfg.method).teacher_draws(cfg)
 
 
 def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentShape, layout: Layout) -> dict:
     """{part: bytes on one rank's device}, and under "host:" the parts ZeRO offload moves to CPU memory."""
     W, sb = layout.world_size, DTYPE_BYTES[layout.precision]
     mixed = layout.precision != "fp32"
-    on_policy = cfg.method in ON_POLICY_METHODS
+    on_policy = method_class(cfg.method).on_policy
     response = cfg.gkd.max_new_tokens if on_policy else cfg.data.max_response_tokens
     seq = cfg.data.max_prompt_tokens + response
     batch = cfg.data.micro_batch_size
@@ -106,10 +104,10 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
     parts["student activations"] = tokens * per_layer * student.layers * sb
     parts["student activations, checkpointed (not in total)"] = tokens * student.hidden * student.layers * sb \
         + tokens * per_layer * sb
-    if cfg.kd.fused_head:
+    if cfg.loss.fused_head:
         from ds_moekd.kernels.divergence import auto_token_chunk
 
-        chunk = cfg.kd.token_chunk or auto_token_chunk(resp_tokens, student.vocab, student.hidden)
+        chunk = cfg.loss.token_chunk or auto_token_chunk(resp_tokens, student.vocab, student.hidden)
         parts["fused-head loss buffers"] = 4 * min(chunk, resp_tokens) * student.vocab * 4
     else:
         parts["full logits + loss buffers"] = resp_tokens * student.vocab * (sb + 4 * 4)
@@ -194,7 +192,7 @@ def plan(cfg: RunConfig, world_size: int, device: str = "gpu", gpu_memory_gib: f
          ep_size: int | None = None) -> dict:
     from ds_moekd.assets import resolve_path
 
-    teacher = teacher_shape(resolve_path(cfg.teacher.path)) if cfg.method != "sft" else None
+    teacher = teacher_shape(resolve_path(cfg.teacher.path)) if method_class(cfg.method).needs_teacher else None
     student = student_shape(resolve_path(cfg.student.path))
     layout = resolve_layout(cfg, world_size, device, ep_size)
     parts = memory_parts(cfg, teacher, student, layout)

@@ -5,37 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ds_moekd.atomic import write_text
-from ds_moekd.telemetry import FINAL_LOSS, final_loss, moving_average, read_metrics, tenth
-
-
-def plot_loss(metrics: list[dict], path: Path, title: str) -> None:
-    """Per-step losses (faint) with a moving average (solid): single steps are noisy."""
-    steps = [m["step"] for m in metrics]
-    window = max(1, len(metrics) // 25)
-    import matplotlib  # here, not at import: every rank imports this module, only rank 0 plots, once
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, color in (("loss", "C0"), ("ce", "C1"), ("kl", "C2")):
-        if key in metrics[0]:
-            values = [m[key] for m in metrics]
-            ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(steps, moving_average(values, window), color=color, label=f"{key} ({window}-step mean)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per response token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+from ds_moekd.methods import METHODS
+from ds_moekd.methods.sar import EXPORT_DIR as TUNED_TEACHER_DIR
+from ds_moekd.plots import LOSS_TERM_COLORS, run_loss_curves
+from ds_moekd.telemetry import FINAL_LOSS, final_loss, read_metrics, tenth
 
 
 def write_run_report(run_dir: Path, record: dict) -> None:
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    plot_loss(metrics, run_dir / "loss.png", f"{record['name']}: {record['method']} training loss")
+    run_loss_curves(run_dir / "loss.png", [m["step"] for m in metrics],
+                    {key: [m[key] for m in metrics] for key in LOSS_TERM_COLORS if key in metrics[0]},
+                    f"{record['name']}: {record['method']} training loss")
     first = sum(m["loss"] for m in metrics[: tenth(metrics)]) / tenth(metrics)
     steady = metrics[len(metrics) // 10 :] or metrics  # skip warm-up steps for throughput
     tokens_per_s = sum(m["tokens"] for m in steady) / sum(m["step_s"] for m in steady)
@@ -91,14 +71,15 @@ def write_run_report(run_dir: Path, record: dict) -> None:
         ]
     if "eval" in record:
         lines += _held_out_lines(record["eval"], record["method"])
-    if (run_dir / "sar_teacher_hf").is_dir():
-        lines += ["", "The SAR-tuned teacher (only its router tensors changed) is in `sar_teacher_hf/`."]
+    if (run_dir / TUNED_TEACHER_DIR).is_dir():
+        lines += ["", "The SAR-tuned teacher (only its router tensors changed) is in `" + TUNED_TEACHER_DIR + "/`."]
     write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _held_out_lines(ev: dict, method: str) -> list[str]:
     """Teacher, undistilled and distilled student on the held-out set (ds_moekd/heldout.py)."""
-    teacher = "teacher (routers as SAR trained them)" if method == "sar" else "teacher"
+    tuned = getattr(METHODS.get(method), "trains_teacher_routers", False)
+    teacher = f"teacher (routers as {method.upper()} trained them)" if tuned else "teacher"
     rows = [(teacher, ev["teacher"]), ("student before distillation", ev["before"]),
             (f"student after {method}, {ev['after_student']}", ev["after"])]
     return [

@@ -116,10 +116,29 @@ class RoutingPolicy(Protocol):
         """Return (expert ids `[T, K]` int64, weights `[T, K]` fp32)."""
         ...
 
+    def experts_per_token(self, num_experts: int, top_k: int) -> int:
+        """K, for a layer of `num_experts` whose native routing takes `top_k`."""
+        ...
+
+    def at_step(self, step: int) -> RoutingPolicy:
+        """The policy whose random draws are keyed by training step `step`."""
+        ...
+
+
+def experts_per_token(policy: RoutingPolicy | None, num_experts: int, top_k: int) -> int:
+    """Experts each token runs under `policy` (None: the family's native top-k)."""
+    return top_k if policy is None else policy.experts_per_token(num_experts, top_k)
+
 
 @dataclass(frozen=True)
 class NativeTopK:
     """The family's own routing: its top-k experts (bias, group limits), family weighting."""
+
+    def experts_per_token(self, num_experts: int, top_k: int) -> int:
+        return top_k
+
+    def at_step(self, step: int) -> NativeTopK:
+        return self
 
     def route(
         self, logits_TN: torch.Tensor, router: RouterSpec, context: RoutingContext
@@ -132,6 +151,12 @@ class NativeTopK:
 @dataclass(frozen=True)
 class AllExperts:
     """Every token uses all N experts, weighted by the family's rule over the full set."""
+
+    def experts_per_token(self, num_experts: int, top_k: int) -> int:
+        return num_experts
+
+    def at_step(self, step: int) -> AllExperts:
+        return self
 
     def route(
         self, logits_TN: torch.Tensor, router: RouterSpec, context: RoutingContext
@@ -165,11 +190,14 @@ class KASample:
     def at_step(self, step: int) -> KASample:
         return dataclasses.replace(self, step=step)
 
+    def experts_per_token(self, num_experts: int, top_k: int) -> int:
+        return num_experts - 1 if self.num_selected is None else self.num_selected
+
     def route(
         self, logits_TN: torch.Tensor, router: RouterSpec, context: RoutingContext
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_experts = router.num_experts
-        k = num_experts - 1 if self.num_selected is None else self.num_selected
+        k = self.experts_per_token(num_experts, router.top_k)
         if not 1 <= k <= num_experts:
             raise ValueError(
                 f"KASample.num_selected={self.num_selected} must be in [1, {num_experts}] experts"

@@ -137,12 +137,3 @@ def final_loss(metrics: list[dict]) -> float:
     """The one definition of a run's final loss (run report and `ds-moekd report`): one step is noisy."""
     last = metrics[-tenth(metrics):]
     return sum(m["loss"] for m in last) / len(last)
-
-
-def moving_average(values: list[float], window: int) -> list[float]:
-    """Trailing mean over `window` steps (shorter at the start), for readable loss curves."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out

@@ -23,11 +23,12 @@ from transformers import AutoTokenizer
 
 from ds_moekd import checkpoints, kernels, watchdog
 from ds_moekd.assets import resolve_path
-from ds_moekd.config import RunConfig, check_paths_exist, load_config, save_config
-from ds_moekd.data.batching import Batch, micro_batches_per_epoch, rank_batches, tokenize_records
+from ds_moekd.config import RunConfig, check_paths_exist, ignored_sections, load_config, save_config
+from ds_moekd.data.batching import Batch, tokenize_records
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
+from ds_moekd.data.stream import micro_batches_per_epoch, rank_batches
 from ds_moekd.device import rank_device, resolve_precision, teacher_dtype
 from ds_moekd.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
 from ds_moekd.elastic import keep_global_batch
@@ -36,7 +37,8 @@ from ds_moekd.eval.validation import Validator
 from ds_moekd.host import configure_process
 from ds_moekd.launcher_watch import LauncherWatch
 from ds_moekd.losses import backward_scale, global_token_count
-from ds_moekd.methods import StepContext, TeacherTargets, build_method
+from ds_moekd.losses.fused import attach_fused_loss_head, fused_loss_head
+from ds_moekd.methods import StepContext, TeacherTargets, build_method, method_class
 from ds_moekd.model_checks import check_model_files, check_teacher_vocabulary
 from ds_moekd.models import resolve_model
 from ds_moekd.monitoring import monitor_sections
@@ -59,19 +61,13 @@ def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool, targets: Teac
     logits (`[M, N, vocab]` for M > 1 draws), or for the fused head a (final hidden states `[N, H]` /
     `[M, N, H]`, lm_head weight `[vocab, H]`) pair, so the teacher's logits are formed one token chunk
     at a time as well."""
-    draws, rows = targets.draws, batch.input_ids.shape[0]
-    out = teacher(
-        **batch.model_inputs(draws),
-        routing=targets.routing,
-        sequence_index=batch.example_ids.repeat(draws),
-        draw_index=torch.arange(draws, device=batch.input_ids.device).repeat_interleave(rows),
-        output_hidden_states=fused,
-        logits_to_keep=batch.no_logits() if fused else 0,
-    )
-    x_MBSD = (out.hidden_states[-1] if fused else out.logits[..., :vocab]).unflatten(0, (draws, rows))
+    draws = targets.draws
+    out = teacher.forward_draws(**batch.model_inputs(), routing=targets.routing, num_draws=draws,
+                                sequence_index=batch.example_ids, fused_head=fused)
+    x_MBSD, head_VH = out if fused else (out[..., :vocab], None)
     scores = torch.stack([batch.response_rows(x_BSD) for x_BSD in x_MBSD])
     scores = scores[0] if draws == 1 else scores
-    return (scores, teacher.get_output_embeddings().weight[:vocab]) if fused else scores
+    return (scores, head_VH[:vocab]) if fused else scores
 
 
 def student_loss(engine, head, method, batch: Batch, teacher, vocab: int, chunk: int):
@@ -101,7 +97,7 @@ def train_step(engine, teacher, method, micro_batches: list[Batch], groups: Para
     ctx.metrics["tokens"] = float(sum(b.num_tokens for b in micro_batches))  # what the student trains on
     global_tokens = global_token_count([b.loss_mask for b in micro_batches], groups)
     scale = backward_scale(groups, len(micro_batches))
-    head = getattr(engine.module, "kd_head", None)  # the fused lm_head + loss, when attached
+    head = fused_loss_head(engine.module)
     loss_sum, parts_sum = 0.0, {}
     for batch in micro_batches:
         method.before_student(batch, ctx)  # e.g. SAR's router step
@@ -172,12 +168,10 @@ def load_teacher(cfg: RunConfig, groups: ParallelGroups, device: torch.device, p
 def fused_head(cfg: RunConfig, method, vocab: int):
     """What attaches the fused lm_head + loss head to the student before DeepSpeed wraps it (None:
     the loss runs on full logits)."""
-    if not cfg.kd.fused_head:
+    if not cfg.loss.fused_head:
         return None
-    from ds_moekd.losses.fused import attach_fused_loss_head
-
     return lambda model: attach_fused_loss_head(
-        model, vocab=vocab, terms=method.terms, chunk=cfg.kd.token_chunk, backend=cfg.kd.loss_backend
+        model, vocab=vocab, terms=method.terms, chunk=cfg.loss.token_chunk, backend=cfg.loss.backend
     )
 
 
@@ -241,7 +235,7 @@ def _steps(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGro
         for step in progress:
             step_start, watch = time.perf_counter(), Stopwatch()
             micro_batches = [next(batches) for _ in range(gas)]
-            shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.kd.token_chunk, step)
+            shares = train_step(engine, teacher, method, micro_batches, groups, vocab, watch, cfg.loss.token_chunk, step)
             record = step_record(step + 1, engine, groups, shares, watch, time.perf_counter() - step_start)
             guard.check(step + 1, record["loss"], *step_outcome(engine))  # the same verdict on every rank
             record["skipped_steps"] = guard.skipped
@@ -272,7 +266,7 @@ def _steps(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGro
 def check_models(cfg: RunConfig, student_path, tokenizer) -> None:
     """Refuse pickle, truncated or mismatched model folders before anything loads their weights."""
     check_model_files(student_path, "student.path", allow_pickle=cfg.student.allow_pickle_weights)
-    if cfg.method != "sft":
+    if method_class(cfg.method).needs_teacher:
         check_model_files(resolve_model(cfg.teacher.path), "teacher.path")
         check_teacher_vocabulary(resolve_model(cfg.teacher.path), tokenizer)
 
@@ -286,7 +280,7 @@ def train(cfg: RunConfig) -> dict:
     with phase("distributed start"):
         info = init_distributed(cfg.train.dist_backend)
         setup_logging(info.rank)
-        groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if cfg.method != "sft" else 0)
+        groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if method_class(cfg.method).needs_teacher else 0)
     with hold_run_folder(cfg.run_dir, groups), PeerHeartbeat.running(groups) as heartbeat:
         check_run_folder(cfg)  # on every rank, before any rank writes
         log.info("watching for the loss of %s", launchers)
@@ -302,7 +296,7 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
              info.source, groups.ep_size, precision, device,
              torch.distributed.get_backend() if groups.world_group else "1 process", threads)
     torch.manual_seed(cfg.train.seed)
-    kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
+    kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.loss.backend)
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
@@ -320,6 +314,8 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     method = build_method(cfg, tokenizer)
+    for name in ignored_sections(cfg):
+        log.warning("the %s section is set but method %s does not read it", name, cfg.method)
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
     resume_tag = checkpoints.resume_point(ckpt_dir, groups, cfg) if cfg.train.resume else None

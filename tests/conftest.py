@@ -80,7 +80,7 @@ def rank_pool4():
 def one_process_group():
     """A 1-rank gloo group inside this process (an in-memory store: no process, no port), for the
     quick tier's one-process version of a multi-rank step. Torch's `F.linear` is restored after, as
-    building a ZeRO-3 engine replaces it process-wide (ds_moekd/zero3_linear.py), and so is the
+    building a ZeRO-3 engine replaces it process-wide (ds_moekd/student/zero3.py), and so is the
     environment."""
     import torch.distributed as dist
     import torch.nn.functional as F

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from ds_moekd.data.batching import TokenizedDataset, TokenizedExample, collate, rank_batches, tokenize_records
+from ds_moekd.data.batching import TokenizedDataset, TokenizedExample, collate, tokenize_records
 from ds_moekd.data.instructions import InstructionRecord
+from ds_moekd.data.stream import rank_batches
 
 
 def test_collate_masks_exactly_the_response_predictions():

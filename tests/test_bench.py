@@ -1,11 +1,13 @@
 """`ds-moekd bench` at toy sizes: every implementation is measured or says why not, all compute the
-same layer, and the JSON carries what the results table needs (no timing is asserted)."""
+same layer (ours: the teacher's own MoE block and MoETeacher, at EP 1 and over 2 gloo ranks), and
+the JSON carries what the results table needs (no timing is asserted)."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import pytest
 import torch
 from tiny_moe_checkpoints import NUM_EXPERTS, VOCAB, save_mixtral
 
@@ -42,7 +44,6 @@ def test_moe_layer_bench_reports_every_implementation_against_the_gemm(tmp_path)
     assert result["useful_gflop"] == round(2 * 64 * 7 * 3 * 128 * 256 / 1e9, 3)
     impls = result["implementations"]
     assert set(impls) == {
-        "python_loop",
         "transformers_eager",
         "transformers_grouped_mm",
         "transformers_batched_mm",
@@ -52,7 +53,7 @@ def test_moe_layer_bench_reports_every_implementation_against_the_gemm(tmp_path)
         "ours_sequential_draws",
     }
     assert "needs a CUDA device" in impls["megablocks"]["not_measured"]
-    for name in ("python_loop", "transformers_eager", "transformers_grouped_mm", "torch_grouped_mm", "ours"):
+    for name in ("transformers_eager", "transformers_grouped_mm", "torch_grouped_mm", "ours"):
         assert impls[name]["max_rel_diff_vs_ours"] < 1e-5, name
         assert impls[name]["ratio_to_gemm"] > 0 and impls[name]["tflops"] >= 0
     assert result["transformers_fastest"] in ("transformers_eager", "transformers_grouped_mm")
@@ -66,11 +67,26 @@ def test_native_routing_takes_the_sparse_path(tmp_path):
     result = json.loads(out.read_text())
     assert result["ours_path"] == "sparse" and result["experts_per_token"] == 2 and result["tokens"] == 16
     assert result["useful_gflop"] == round(2 * 16 * 2 * 3 * 128 * 256 / 1e9, 3)
+    assert result["ep_size"] == 1
     assert result["implementations"]["ours"]["max_rel_diff_vs_ours"] == 0
-    assert result["implementations"]["python_loop"]["max_rel_diff_vs_ours"] < 1e-5
+    assert result["implementations"]["transformers_eager"]["max_rel_diff_vs_ours"] < 1e-5
 
 
-def test_teacher_bench_swaps_in_our_experts_with_the_same_logits():
+@pytest.mark.slow
+@pytest.mark.parametrize("routing,path", [("native", "sparse"), ("all", "dense")])
+def test_moe_layer_bench_runs_the_teacher_block_expert_parallel_over_two_ranks(tmp_path, routing, path):
+    out = tmp_path / "r.json"
+    cli_main(["bench", "moe-layer", "--preset", "tiny", "--routing", routing, "--tokens", "24", "--ep", "2"]
+             + ["--warmup", "0", "--iters", "1", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["ep_size"] == 2 and result["ours_path"] == path and result["tokens"] == 24
+    impls = result["implementations"]
+    # each rank's tokens through its half of the experts and the other rank's: transformers' whole layer
+    for name in ("transformers_eager", "transformers_grouped_mm"):
+        assert impls[name]["max_rel_diff_vs_ours"] < 1e-5, name
+
+
+def test_teacher_bench_runs_the_moe_teacher_with_transformers_logits():
     result = teacher_run(
         "tiny",
         "all",
@@ -85,7 +101,20 @@ def test_teacher_bench_swaps_in_our_experts_with_the_same_logits():
         iters=1,
     )
     impls = result["implementations"]
-    assert impls["ours"]["ms"] > 0
+    assert impls["ours"]["ms"] > 0 and result["ep_size"] == 1
+    assert impls["transformers_eager"]["max_abs_logit_diff_vs_ours"] < 1e-4
+    assert impls["transformers_grouped_mm"]["max_abs_logit_diff_vs_ours"] < 1e-4
+
+
+@pytest.mark.slow
+def test_teacher_bench_runs_the_moe_teacher_expert_parallel_over_two_ranks(tmp_path):
+    out = tmp_path / "t.json"
+    cli_main(["bench", "teacher", "--preset", "tiny", "--routing", "native", "--batch", "2", "--seq", "8"]
+             + ["--layers", "1", "--vocab", "64", "--heads", "4", "--ep", "2", "--warmup", "0", "--iters", "1"]
+             + ["--json", str(out)])
+    result = json.loads(out.read_text())
+    impls = result["implementations"]
+    assert result["ep_size"] == 2 and impls["ours"]["ms"] > 0
     assert impls["transformers_eager"]["max_abs_logit_diff_vs_ours"] < 1e-4
     assert impls["transformers_grouped_mm"]["max_abs_logit_diff_vs_ours"] < 1e-4
 

@@ -15,10 +15,11 @@ import yaml
 from hf_cache import add_to_cache
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-from ds_moekd.data.batching import micro_batches_per_epoch, tokenize_records
+from ds_moekd.data.batching import tokenize_records
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
+from ds_moekd.data.stream import micro_batches_per_epoch
 from ds_moekd.data.template import alpaca_prompt
 
 REPO = Path(__file__).resolve().parents[1]

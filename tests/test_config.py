@@ -1,3 +1,4 @@
+import dataclasses
 import re
 from pathlib import Path
 
@@ -153,3 +154,54 @@ def test_everyday_options_load(tmp_path):
                                                  "report.eval_file=t.jsonl"])
     assert cfg.data.packing and cfg.data.split == "train" and cfg.train.epochs == 2
     assert cfg.student.lora.r == 8 and cfg.student.lora.target_modules == "q_proj,v_proj"
+
+
+@pytest.mark.parametrize("old,new", [("kd.temperature", "loss.temperature"), ("kd.token_chunk", "loss.token_chunk"),
+                                     ("kd.loss_backend", "loss.backend"), ("kd.fused_head", "loss.fused_head")])
+def test_loss_fields_in_the_kd_section_are_refused_naming_the_loss_field(tmp_path, old, new):
+    section, name = old.split(".")
+    bad = MINIMAL + f"{section}:\n  {name}: 1\n"
+    line = bad.splitlines().index(f"  {name}: 1") + 1
+    with pytest.raises(ConfigError, match=rf"run.yaml:{line}: config field '{old}' .* use {re.escape(new)}$"):
+        load_config(write(tmp_path, bad))
+
+
+@pytest.mark.parametrize("override,where", [
+    ("loss.backend=cuda", "loss.backend='cuda'"),
+    ("loss.token_chunk=-1", "loss.token_chunk=-1"),
+    ("loss.temperature=0", "loss.temperature=0.0"),
+])
+def test_the_loss_section_validates_its_fields(tmp_path, override, where):
+    with pytest.raises(ConfigError, match=re.escape(f"config field {where} is invalid")):
+        load_config(write(tmp_path, MINIMAL), [override])
+
+
+def test_the_loss_temperature_reaches_every_distilling_method(tmp_path):
+    from ds_moekd.methods import METHODS
+
+    cfg = load_config(write(tmp_path, MINIMAL), ["loss.temperature=2.0"])
+    for name, cls in METHODS.items():
+        terms = cls.loss_terms(dataclasses.replace(cfg, method=name))
+        assert terms.divergence is None or terms.temperature == 2.0, name
+
+
+def test_every_section_validates_itself_and_its_defaults_pass():
+    """Each section's own fields are checked by its `checks()`; `RunConfig.checks()` holds only the rules
+    that span sections (docs/configuration.md)."""
+    from ds_moekd.config import MonitorConfig, RunConfig
+
+    for f in dataclasses.fields(RunConfig):
+        if f.default_factory is dataclasses.MISSING or f.default_factory is MonitorConfig:  # free-form
+            continue
+        section = f.default_factory()
+        assert [name for name, ok, _ in section.checks() if not ok] == [], f.name
+        assert {name for name, _, _ in section.checks()} <= {x.name for x in dataclasses.fields(section)}, f.name
+
+
+def test_settings_of_a_section_the_method_does_not_read_are_named(tmp_path):
+    from ds_moekd.config import ignored_sections
+
+    assert ignored_sections(load_config(write(tmp_path, MINIMAL))) == []
+    assert ignored_sections(load_config(write(tmp_path, MINIMAL), ["ka.draws=4", "gkd.top_k=5"])) == ["gkd", "ka"]
+    assert ignored_sections(load_config(write(tmp_path, MINIMAL), ["method=ka", "ka.draws=4", "kd.ce_weight=1"])) \
+        == ["kd"]

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import ds_moekd.routing
 from ds_moekd.data.formats import load_eval_data
+from ds_moekd.decoding import Decoding, HFForward, decode
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.eval import cli as eval_cli
-from ds_moekd.eval.decode import Decoding, decode_shard
 from ds_moekd.eval.diagnostics import non_activated_gate_mass
 from ds_moekd.eval.runner import EvalSettings, evaluate, load_settings, prompt_ids, summarize
 from ds_moekd.rng import Sampling, sample_tokens
@@ -54,18 +54,21 @@ def test_counter_sampling_follows_softmax_and_depends_only_on_its_key():
 
 
 @pytest.mark.parametrize("seed", [None, 10])
-def test_teacher_generate_matches_transformers_generate(paths, seed):
-    """MoETeacher.generate emits what transformers' generate does, greedy and sampled (one sampling rule)."""
+def test_teacher_decoding_matches_transformers_model(paths, seed):
+    """The teacher's decoding forward emits what transformers' own Mixtral does through the same
+    decoder, greedy and sampled (one sampling rule)."""
     tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
     records = load_eval_data(paths["test"]).records
     prompts = [prompt_ids(r, tokenizer, "alpaca") for r in records]
     keys = list(range(len(prompts)))
-    decoding = Decoding(max_new_tokens=6, seed=seed, batch_size=3)
+    decoding = Decoding(max_new_tokens=6, sampling=None if seed is None else Sampling(), seed=seed or 0,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        vocab_limit=len(tokenizer), batch_size=3)
     reference = AutoModelForCausalLM.from_pretrained(paths["teacher"]).eval()
-    expected = decode_shard(reference, tokenizer, prompts, keys, decoding)
+    expected = decode(HFForward(reference), prompts, keys, decoding)
     teacher = MoETeacher.from_pretrained(paths["teacher"])
-    got = decode_shard(teacher, tokenizer, prompts, keys, decoding, routing=ds_moekd.routing.NativeTopK())
-    assert got == expected and len(set(got)) > 2
+    got = decode(teacher.decoding_forward(ds_moekd.routing.NativeTopK()), prompts, keys, decoding)
+    assert got == expected and len({tuple(r) for r in got}) > 2
 
 
 KA_DRAWS = ds_moekd.routing.KASample(resample_prob=0.5, num_selected=2, seed=3)  # many draws really resample
@@ -82,11 +85,12 @@ def _evaluate_on_ranks(paths: dict, backend: str) -> dict:
     if backend != "student":
         groups = ParallelGroups.create(ep_size=2)
         model, lockstep = MoETeacher.from_pretrained(paths["teacher"], groups=groups), groups.ep_group
+        forward = model.decoding_forward(KA_DRAWS if backend == "moe-ka" else None)
     else:
         model = AutoModelForCausalLM.from_pretrained(paths[backend]).eval()
-    result = evaluate(model, tokenizer, data, SETTINGS, rank=dist.get_rank(), world_size=2,
-                      world_group=dist.group.WORLD, lockstep_group=lockstep, progress=False,
-                      routing=KA_DRAWS if backend == "moe-ka" else None)
+        forward = HFForward(model)
+    result = evaluate(forward, tokenizer, data, SETTINGS, rank=dist.get_rank(), world_size=2,
+                      world_group=dist.group.WORLD, progress=False)
     if backend == "moe":  # 3 vs 2 prompts per rank, batch 2: rank 1 runs a dummy batch in lockstep
         prompts = [prompt_ids(r, tokenizer, "alpaca") for r in records][dist.get_rank()::2]
         keys = list(range(len(records)))[dist.get_rank()::2]
@@ -111,7 +115,8 @@ def test_two_ranks_equal_one_process(rank_pool2, paths, backend):
     else:
         single_model = AutoModelForCausalLM.from_pretrained(paths["student" if backend == "student" else "teacher"])
         single_model = single_model.eval()
-    single = evaluate(single_model, tokenizer, data, settings, progress=False, routing=routing)
+    single_forward = HFForward(single_model) if routing is None else single_model.decoding_forward(routing)
+    single = evaluate(single_forward, tokenizer, data, settings, progress=False)
     ranks = rank_pool2.run(_evaluate_on_ranks, paths, backend)
     for result in ranks:
         assert result["per_seed"] == single["per_seed"] and result["examples"] == single["examples"]
@@ -174,7 +179,7 @@ def _routed_reference(paths: dict, experts_per_token: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(paths["teacher"])
     model = AutoModelForCausalLM.from_pretrained(paths["teacher"], num_experts_per_tok=experts_per_token).eval()
     settings = EvalSettings(greedy=True, max_new_tokens=6, batch_size=3)
-    return evaluate(model, tokenizer, load_eval_data(paths["test"]), settings, progress=False)
+    return evaluate(HFForward(model), tokenizer, load_eval_data(paths["test"]), settings, progress=False)
 
 
 @pytest.mark.parametrize("routing, options, experts_per_token, recorded", [

@@ -4,8 +4,20 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_moekd.data.synthetic import generate_splits
 from ds_moekd.data.template import alpaca_prompt
+from ds_moekd.decoding import Decoding, HFForward, decode
 from ds_moekd.demo.tokenizer import train_tokenizer
-from ds_moekd.eval.generate import generate_responses
+from ds_moekd.rng import Sampling
+
+
+def generate_responses(model, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int,
+                       seed: int | None = None) -> list[str]:
+    """The text the decoder continues each prompt with: greedy, or sampled at temperature 1 with `seed`."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    decoding = Decoding(max_new_tokens=max_new_tokens, sampling=None if seed is None else Sampling(temperature=1.0),
+                        seed=seed or 0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                        vocab_limit=len(tokenizer), batch_size=batch_size)
+    responses = decode(HFForward(model.eval()), encoded, list(range(len(prompts))), decoding)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in responses]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +43,10 @@ def test_batched_greedy_matches_one_prompt_at_a_time(model_tokenizer_prompts):
 def test_sampling_repeats_with_a_seed_and_leaves_global_rng_alone(model_tokenizer_prompts):
     model, tokenizer, prompts = model_tokenizer_prompts
     state = torch.random.get_rng_state()
-    first = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, do_sample=True, seed=10)
+    first = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, seed=10)
     assert torch.equal(state, torch.random.get_rng_state())
-    again = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, do_sample=True, seed=10)
-    other = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, do_sample=True, seed=20)
+    again = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, seed=10)
+    other = generate_responses(model, tokenizer, prompts, max_new_tokens=8, batch_size=4, seed=20)
     assert first == again and first != other
     assert not any(tokenizer.eos_token in text for text in first)
 

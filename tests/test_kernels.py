@@ -13,9 +13,11 @@ from ds_moekd.kernels import (
     grouped_experts,
     grouped_swiglu_reference,
     lm_head_divergence,
-    moe_experts,
 )
 from ds_moekd.kernels.dispatch import choose_backend, configure
+
+from ds_moekd.teacher.dense_dispatch import dispatch_dense, takes_dense_path
+from ds_moekd.teacher.dispatch import dispatch_sparse
 
 triton = pytest.importorskip("triton")
 SPARSE_BACKENDS = ["torch", "triton", "torch_grouped_mm"]
@@ -83,9 +85,26 @@ def test_grouped_experts_forward_and_input_gradient_match_reference(backend):
         close(grouped_experts(x, sizes, w_gate_up, w_down, backend=backend), y_ref.detach())
 
 
+def teacher_moe(x, ids, weights, w_gate_up, w_down, backend, path):
+    """The teacher's MoE block at EP 1 (ds_moekd/teacher/moe_block.py): its sparse dispatch on
+    `grouped_experts`, or its dense one on `dense_experts` with the routing scattered into gate weights."""
+    if path == "sparse":
+        ffn = lambda x_RH, sizes_E: grouped_experts(x_RH, sizes_E, w_gate_up, w_down, backend=backend)  # noqa: E731
+        return dispatch_sparse(x, ids, weights, num_experts=w_gate_up.shape[0], ep_size=1, ep_group=None,
+                               expert_ffn=ffn)[0]
+    gates = torch.zeros(x.shape[0], w_gate_up.shape[0], dtype=weights.dtype).scatter(1, ids, weights)
+    ffn = lambda x_RH, gates_RE: dense_experts(x_RH, gates_RE, w_gate_up, w_down, backend=backend)  # noqa: E731
+    return dispatch_dense(x, gates, ep_size=1, ep_rank=0, ep_group=None, expert_ffn=ffn)[0]
+
+
+def test_the_dense_rule_is_more_than_half_the_experts():
+    assert [k for k in range(1, 9) if takes_dense_path(k, 8)] == [5, 6, 7, 8]
+    assert not takes_dense_path(2, 4) and takes_dense_path(3, 4)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("path", ["sparse", "dense"])
-def test_moe_experts_paths_match_dense_reference_with_gradients(backend, path):
+def test_teacher_moe_paths_match_dense_reference_with_gradients(backend, path):
     num_experts, top_k = 4, 2
     w_gate_up, w_down = experts(num_experts)
     ids, weights = routing(20, num_experts, top_k, skip_expert=1)
@@ -93,7 +112,7 @@ def test_moe_experts_paths_match_dense_reference_with_gradients(backend, path):
     x_ref, gates_ref = x.clone().requires_grad_(), gates_from(ids, weights, num_experts).requires_grad_()
     y_ref = dense_swiglu_reference(x_ref, gates_ref, w_gate_up, w_down)
     x_new, w_new = x.clone().requires_grad_(), weights.clone().requires_grad_()
-    y_new = moe_experts(x_new, ids, w_new, w_gate_up, w_down, backend=backend, path=path)
+    y_new = teacher_moe(x_new, ids, w_new, w_gate_up, w_down, backend, path)
     close(y_new, y_ref)
     (y_ref * y_ref.cos()).sum().backward()
     (y_new * y_new.cos()).sum().backward()
@@ -140,30 +159,6 @@ def test_dense_experts_in_token_blocks_match_reference_across_block_edges(backen
     y_new.backward(grad_y)
     close(x_new.grad, x_ref.grad, 1e-5)
     close(g_new.grad, g_ref.grad, 1e-5)
-
-
-def test_permute_and_unpermute_triton_match_torch():
-    from ds_moekd.kernels.permute import permute_tokens, sort_by_expert, unpermute_tokens
-
-    ids, weights = routing(11, 5, 3, skip_expert=4)
-    perm = sort_by_expert(ids, 5)
-    assert perm.tokens_per_expert_E.tolist()[4] == 0
-    assert torch.equal(
-        perm.source_token_R,
-        perm.source_token_R.new_tensor([t for e in range(5) for t in range(11) if e in ids[t].tolist()]),
-    )  # stable: token order inside a group
-    x = torch.randn(11, 20)
-    results = []
-    for use_triton in (False, True):
-        x_in, w_in = x.clone().requires_grad_(), weights.clone().requires_grad_()
-        rows = permute_tokens(x_in, perm, use_triton=use_triton)
-        out = unpermute_tokens(rows * rows, perm, w_in, use_triton=use_triton)
-        out.sin().sum().backward()
-        results.append((rows, out, x_in.grad, w_in.grad))
-    for torch_t, triton_t in zip(*results):
-        close(triton_t, torch_t)
-    expected = sum(weights[:, k : k + 1] * x**2 for k in range(3))
-    close(results[0][1], expected)
 
 
 def full_logits_divergence(hidden, weight, teacher_logits, kind, beta, temperature):

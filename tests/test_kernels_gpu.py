@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ds_moekd.kernels import dense_swiglu_reference, grouped_experts, lm_head_divergence, moe_experts
+from ds_moekd.kernels import dense_experts, dense_swiglu_reference, grouped_experts, lm_head_divergence
 from ds_moekd.kernels.dispatch import choose_backend, unavailable_reason
 from ds_moekd.kernels.divergence import divergence_rows_torch
+
+from ds_moekd.teacher.dense_dispatch import dispatch_dense, takes_dense_path
+from ds_moekd.teacher.dispatch import dispatch_sparse
 
 pytestmark = pytest.mark.gpu
 FFN_TOL, LOSS_TOL = 2e-2, 1e-2
@@ -30,6 +33,17 @@ def layer(num_experts=16, hidden=512, inter=688, tokens=1000, top_k=4, seed=0):
     return x, ids, torch.softmax(top, -1), w_gate_up, w_down
 
 
+def teacher_moe(x, ids, weights, w_gate_up, w_down, backend):
+    """The teacher's MoE block at EP 1 (ds_moekd/teacher/moe_block.py), on the path `takes_dense_path` picks."""
+    num_experts = w_gate_up.shape[0]
+    if not takes_dense_path(ids.shape[1], num_experts):
+        ffn = lambda x_RH, sizes_E: grouped_experts(x_RH, sizes_E, w_gate_up, w_down, backend=backend)  # noqa: E731
+        return dispatch_sparse(x, ids, weights, num_experts=num_experts, ep_size=1, ep_group=None, expert_ffn=ffn)[0]
+    gates = torch.zeros(x.shape[0], num_experts, device=x.device, dtype=weights.dtype).scatter(1, ids, weights)
+    ffn = lambda x_RH, gates_RE: dense_experts(x_RH, gates_RE, w_gate_up, w_down, backend=backend)  # noqa: E731
+    return dispatch_dense(x, gates, ep_size=1, ep_rank=0, ep_group=None, expert_ffn=ffn)[0]
+
+
 def test_auto_picks_triton_on_a_gpu():
     assert choose_backend("probe", torch.device("cuda"), torch.bfloat16) == "triton"
 
@@ -37,6 +51,7 @@ def test_auto_picks_triton_on_a_gpu():
 @pytest.mark.parametrize("backend", ["triton", "torch_grouped_mm", "megablocks"])
 @pytest.mark.parametrize("top_k,path", [(4, "sparse"), (16, "dense"), (15, "dense")])
 def test_bf16_expert_paths_match_fp32_reference_with_gradients(backend, top_k, path):
+    assert takes_dense_path(top_k, 16) == (path == "dense")
     if unavailable_reason(backend, torch.device("cuda"), torch.bfloat16):
         pytest.skip(unavailable_reason(backend, torch.device("cuda"), torch.bfloat16))
     x, ids, weights, w_gate_up, w_down = layer(top_k=top_k)
@@ -46,9 +61,7 @@ def test_bf16_expert_paths_match_fp32_reference_with_gradients(backend, top_k, p
     y_ref.square().sum().backward()
     x_new = x.bfloat16().requires_grad_()
     w_new = weights.bfloat16().requires_grad_()
-    y_new = moe_experts(
-        x_new, ids, w_new, w_gate_up.bfloat16(), w_down.bfloat16(), backend=backend, path=path
-    )
+    y_new = teacher_moe(x_new, ids, w_new, w_gate_up.bfloat16(), w_down.bfloat16(), backend)
     y_new.float().square().sum().backward()
     assert rel_err(y_new, y_ref) < FFN_TOL
     assert rel_err(x_new.grad, x_ref.grad) < FFN_TOL
@@ -56,15 +69,7 @@ def test_bf16_expert_paths_match_fp32_reference_with_gradients(backend, top_k, p
     with torch.no_grad():  # the fused-epilogue inference path
         assert (
             rel_err(
-                moe_experts(
-                    x.bfloat16(),
-                    ids,
-                    weights.bfloat16(),
-                    w_gate_up.bfloat16(),
-                    w_down.bfloat16(),
-                    backend=backend,
-                    path=path,
-                ),
+                teacher_moe(x.bfloat16(), ids, weights.bfloat16(), w_gate_up.bfloat16(), w_down.bfloat16(), backend),
                 y_ref,
             )
             < FFN_TOL

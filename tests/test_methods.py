@@ -10,6 +10,8 @@ rollout ends earlier than rank 0's, so the lockstep decoding must not deadlock.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,12 +23,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ds_moekd.config import DataConfig, GKDConfig, KAConfig, RunConfig, SARConfig, StudentConfig, TeacherConfig
 from ds_moekd.data.batching import TokenizedExample, collate
 from ds_moekd.dist import ParallelGroups
-from ds_moekd.methods import StepContext, build_method
+from ds_moekd.methods import Method, StepContext, build_method
 from ds_moekd.rng import Sampling, sample_tokens
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
 from ds_moekd.teacher import MoETeacher
 from ds_moekd.telemetry import Stopwatch
 from ds_moekd.train import train_step
+
+REPO = Path(__file__).resolve().parents[1]
 
 STEP, SEED, MAX_NEW = 7, 1234, 6
 LR, ROUTER_LR = 0.05, 0.5
@@ -344,3 +348,64 @@ def test_on_policy_fraction_mixes_rollouts_and_dataset_responses_by_example():
     alone = collate([TokenizedExample([1, 2], [3])], pad_token_id=0, example_ids=[123])
     assert chosen.on_policy_rows(alone, step=4)[0] == rows[123]
     assert not torch.equal(chosen.on_policy_rows(batch, step=5), rows)
+
+
+def test_each_methods_facts_agree_with_what_its_step_does():
+    """The facts plan, config validation and the bench read (methods/registry.py) are the ones the
+    training step acts on."""
+    from transformers import AutoTokenizer
+
+    from ds_moekd.config import load_config
+    from ds_moekd.methods import METHODS, build_method
+    from ds_moekd.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("demo:student"))
+    for name, cls in METHODS.items():
+        cfg = load_config(REPO / "ds_configs" / "quickstart.yaml", [f"method={name}", "ka.draws=3"])
+        method = build_method(cfg, tokenizer)
+        targets = method.teacher_targets(step=7)
+        assert targets.draws == cls.teacher_draws(cfg) == (3 if name == "ka" else 1), name
+        assert type(targets.routing) is type(cls.teacher_routing(cfg)), name
+        assert cls.on_policy == (type(method).responses is not Method.responses), name
+        assert cls.supports_lora == cls.supports_packing == (not cls.on_policy), name
+        assert cls.trains_teacher_routers == (type(method).before_student is not Method.before_student), name
+    assert not METHODS["sft"].needs_teacher and all(c.needs_teacher for n, c in METHODS.items() if n != "sft")
+
+
+def test_a_new_method_is_one_class_and_one_registry_entry(monkeypatch):
+    """What docs/methods.md shows: a method declares its facts; config validation, plan and the step
+    take it from there without naming it anywhere else."""
+    from ds_moekd.config import ConfigError, load_config
+    from ds_moekd.methods import registry
+    from ds_moekd.methods.gkd import OnPolicyDistillation
+    from ds_moekd.plan import experts_per_token, teacher_draws
+    from ds_moekd.plan_model import TeacherShape
+    from ds_moekd.routing import KASample
+
+    class HalfTheExperts(OnPolicyDistillation):
+        name = "half"
+
+        @classmethod
+        def teacher_routing(cls, cfg):
+            return KASample(resample_prob=0.0, num_selected=4, seed=cfg.train.seed)
+
+        @classmethod
+        def teacher_draws(cls, cfg):
+            return 2
+
+    quickstart = REPO / "ds_configs" / "quickstart.yaml"
+    with pytest.raises(ConfigError, match="config field method='half' is invalid"):
+        load_config(quickstart, ["method=half"])
+    monkeypatch.setitem(registry.METHODS, "half", HalfTheExperts)
+    cfg = load_config(quickstart, ["method=half"])
+    teacher = TeacherShape(**{**_demo_teacher_shape().__dict__, "num_experts": 8, "top_k": 2})
+    assert experts_per_token(cfg, teacher) == 4 and teacher_draws(cfg) == 2
+    with pytest.raises(ConfigError, match="student.lora.r=8 is invalid: expected 0 for method 'half'"):
+        load_config(quickstart, ["method=half", "student.lora.r=8"])
+
+
+def _demo_teacher_shape():
+    from ds_moekd.assets import resolve_path
+    from ds_moekd.plan_model import teacher_shape
+
+    return teacher_shape(resolve_path("demo:teacher"))

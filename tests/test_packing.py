@@ -8,9 +8,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_moekd.assets import resolve_path
-from ds_moekd.data.batching import collate, rank_batches, tokenize_records
+from ds_moekd.data.batching import collate, tokenize_records
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import collate_packed, pack
+from ds_moekd.data.stream import rank_batches
 
 MAX_TOKENS = 160
 

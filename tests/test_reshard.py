@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from ds_moekd.config import load_config
-from ds_moekd.data.batching import TokenizedDataset, TokenizedExample, rank_batches
+from ds_moekd.data.batching import TokenizedDataset, TokenizedExample
+from ds_moekd.data.stream import rank_batches
 from ds_moekd.elastic import batch_layout, keep_global_batch
 from ds_moekd.errors import UserError
 from ds_moekd.reshard import saved_world_size, universal_resume_config

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_moekd.config import DataConfig, LoRAConfig, OptimConfig, RunConfig, StudentConfig, TrainConfig
-from ds_moekd.data.batching import rank_batches, tokenize_records
+from ds_moekd.data.batching import tokenize_records
 from ds_moekd.data.formats import load_eval_data
+from ds_moekd.data.stream import rank_batches
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.methods import build_method
 from ds_moekd.telemetry import Stopwatch

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from dense_teacher import DenseTeacher
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ds_moekd.config import (
@@ -100,7 +101,7 @@ def _kd_step_on_rank(student_state, teacher_state, batches_per_rank, method, lr,
     if fused:  # chunks of 3 tokens: the chunk boundaries fall inside sequences
         attach_fused_loss_head(student, vocab=VOCAB, terms=build_method(cfg).terms, chunk=3, backend="torch")
     engine = sgd_engine(student, gas=len(micro_batches), lr=lr)
-    teacher = teacher if method != "sft" else None  # any HF causal LM serves as the teacher here
+    teacher = DenseTeacher(teacher) if method != "sft" else None  # any HF causal LM serves as the teacher here
     loss_share, parts_share, _ = train_step(engine, teacher, build_method(cfg), micro_batches, groups, VOCAB,
                                          Stopwatch(), chunk=3)
     local, total = partitioned_parameter_counts(engine)
@@ -235,7 +236,7 @@ def _steps_counting_post_step_gathers(model_dir, coalesce: bool | None, steps: i
     `engine.step()` makes. coalesce None: the engine as build_student_engine makes it."""
     import deepspeed
 
-    from ds_moekd.student.persistent_gather import coalesce_persistent_gather
+    from ds_moekd.student.zero3 import coalesce_persistent_gather
 
     rank = dist.get_rank()
     groups = ParallelGroups.create(ep_size=1)
@@ -302,7 +303,7 @@ def _linear_functions(model_dir):
     from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as Init
 
     from ds_moekd.student.engine import _load_student
-    from ds_moekd.zero3_linear import torch_linear
+    from ds_moekd.student.zero3 import torch_linear
 
     init_distributed()
     _load_student(model_dir, {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}, torch.float32)

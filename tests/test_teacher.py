@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from teacher_decoding import teacher_generate
 from tiny_moe_checkpoints import NUM_EXPERTS, VOCAB, all_family_checkpoints
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -98,9 +99,9 @@ def test_generation_never_picks_padded_vocabulary_rows(checkpoints):
     # Qwen/DeepSeek lm_heads have rows past the tokenizer; emulate one by limiting below the argmax.
     teacher = MoETeacher.from_pretrained(checkpoints["mixtral"])
     ids = torch.randint(1, VOCAB, (3, 5), generator=torch.Generator().manual_seed(0))
-    first = teacher.generate(ids, max_new_tokens=1)[:, -1]
+    first = teacher_generate(teacher, ids, max_new_tokens=1)[:, -1]
     limit = int(first.min())  # at least one row's favourite token falls outside the limit
-    limited = teacher.generate(ids, max_new_tokens=4, vocab_limit=limit)[:, 5:]
+    limited = teacher_generate(teacher, ids, max_new_tokens=4, vocab_limit=limit)[:, 5:]
     assert limit > 0 and int(limited.max()) < limit
 
 
@@ -178,3 +179,29 @@ def test_noisy_gate_noise_is_keyed_by_example_and_step_only(checkpoints):
     # batch 1 against batch 3: other GEMM shapes round differently (1e-6 on AVX2); a noise keyed by
     # the batch would differ by the noise itself, orders of magnitude more
     torch.testing.assert_close(alone[0], noisy[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_sar_teacher_side_kl_is_the_full_logits_kl_with_gradients_to_the_teacher_only(chunk):
+    import torch.nn.functional as F
+
+    from ds_moekd.teacher.router_training import teacher_side_kl
+
+    g = torch.Generator().manual_seed(0)
+    tokens, vocab, teacher_hidden, student_hidden = 10, 37, 12, 8
+    teacher_NH = torch.randn(tokens, teacher_hidden, generator=g).requires_grad_()
+    teacher_head_VH = torch.randn(vocab, teacher_hidden, generator=g)
+    student_NH = torch.randn(tokens, student_hidden, generator=g)
+    student_head_VH = torch.randn(vocab, student_hidden, generator=g)
+
+    ours = teacher_side_kl(teacher_NH, teacher_head_VH, student_NH, student_head_VH, chunk)
+    (grad_ours,) = torch.autograd.grad(ours, teacher_NH)
+
+    # plain torch on full logits: KL(p‖q) summed over tokens, p the teacher's distribution
+    log_p = F.log_softmax(teacher_NH @ teacher_head_VH.t(), dim=-1)
+    log_q = F.log_softmax(student_NH @ student_head_VH.t(), dim=-1)
+    reference = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
+    (grad_reference,) = torch.autograd.grad(reference, teacher_NH)
+    # the divergence rows run in fp32 (kernels/divergence.py)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_ours, grad_reference, rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from teacher_decoding import teacher_generate
 from tiny_moe_checkpoints import STARVED_EXPERT, VOCAB, all_family_checkpoints
 
 from ds_moekd.dist import ParallelGroups
@@ -150,7 +151,7 @@ def _ep_generate(path: str, ep_size: int, prompts) -> list[torch.Tensor]:
     ids, mask, new_tokens = prompts[groups.rank]
     sequences = torch.arange(ids.shape[0]) + 10 * groups.rank
     return [
-        teacher.generate(ids, mask, max_new_tokens=new_tokens, pad_token_id=0, sequence_index=sequences, **kw)
+        teacher_generate(teacher, ids, mask, max_new_tokens=new_tokens, pad_token_id=0, sequence_index=sequences, **kw)
         for kw in GENERATION
     ]
 
@@ -162,7 +163,8 @@ def test_expert_parallel_generation_equals_single_process(rank_pool2, family):
     single = MoETeacher.from_pretrained(all_family_checkpoints()[family])
     for rank, ((ids, mask, new_tokens), outputs) in enumerate(zip(prompts, results)):
         for kw, ours in zip(GENERATION, outputs):
-            expected = single.generate(
+            expected = teacher_generate(
+                single,
                 ids,
                 mask,
                 max_new_tokens=new_tokens,

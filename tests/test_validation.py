@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ds_moekd.config import ConfigError, DataConfig, RunConfig, StudentConfig, ValidationConfig, load_config
 from ds_moekd.data.formats import EvalData, load_eval_data
+from ds_moekd.decoding import HFForward
 from ds_moekd.dist import ParallelGroups, init_distributed
 from ds_moekd.eval.runner import EvalSettings, evaluate
 from ds_moekd.eval.validation import BEST_DIR, Validator
@@ -64,7 +65,7 @@ def test_zero3_validation_on_two_ranks(rank_pool2, paths, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     data = load_eval_data(paths["test"])
     model = AutoModelForCausalLM.from_pretrained(paths["student"]).eval()
-    single = evaluate(model, tokenizer, EvalData(data.records[:5], data.format, data.source),
+    single = evaluate(HFForward(model), tokenizer, EvalData(data.records[:5], data.format, data.source),
                       EvalSettings(seeds=(10,), max_new_tokens=5, batch_size=2), progress=False)
     valid_file = tmp_path / "own_samples.jsonl"
     valid_file.write_text("".join(json.dumps({"instruction": e["instruction"], "input": e["input"],

@@ -25,10 +25,12 @@ import tempfile
 from pathlib import Path
 
 from ds_moekd.dist import free_loopback_port
+from ds_moekd.methods import METHODS as REGISTERED
+from ds_moekd.plots import e2e_speed_and_memory
 
 REPO = Path(__file__).resolve().parents[2]
 SIZES = ("demo", "random-300mb")
-METHODS = ("kd", "gkd", "all", "ka", "sar")
+METHODS = tuple(name for name, cls in REGISTERED.items() if cls.needs_teacher)  # each has a baseline step
 
 
 def teacher_for(size: str, work: Path) -> str:
@@ -126,24 +128,10 @@ def bench_size(size: str, methods: list[str], args, work: Path) -> dict[str, dic
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = [f"{r.get('method', 'kd')}\n{r['size']}" for r in results]
-    x = range(len(names))
-    for offset, system in ((-0.2, "ours"), (0.2, "baseline")):
-        ax_speed.bar([i + offset for i in x], [r["median_tokens_per_s"][system] for r in results], 0.4, label=system)
-        ax_mem.bar([i + offset for i in x], [r["median_peak_rss_mib_per_rank"][system] for r in results], 0.4,
-                   label=system)
-    for ax, title in ((ax_speed, "tokens/s (median of runs)"), (ax_mem, "peak memory per rank (MiB)")):
-        ax.set_xticks(list(x), names)
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    systems = ("ours", "baseline")
+    e2e_speed_and_memory(path, [f"{r.get('method', 'kd')}\n{r['size']}" for r in results],
+                         {s: [r["median_tokens_per_s"][s] for r in results] for s in systems},
+                         {s: [r["median_peak_rss_mib_per_rank"][s] for r in results] for s in systems})
 
 
 TARGETS = {"demo": 0.9, "random-300mb": 1.0}  # the CPU targets of ours/baseline tokens/s (docs/scale-out.md)

@@ -6,7 +6,10 @@ distillation steps of one system on the same models and batches, timed with the 
   draws, SAR's router step).
 - `baseline`: the authors' style on the same models and batches: the transformers teacher whole
   on every rank, full fp32 logits, a plain DDP student with torch AdamW, the loss averaged per
-  rank. Per method:
+  rank. Each method's facts (ds_moekd/methods/registry.py) decide the step: on-policy methods
+  sample rollouts, the loss terms are the method's own, the teacher's routing and draws are its
+  `teacher_targets`, and a method that trains the teacher's routers gets their step. For the
+  shipped methods:
   - kd: the teacher's native top-k, CE + forward KL on the dataset responses.
   - gkd: student rollouts (the same sampler and keys as ours, so the same tokens) from the plain
     student, then the teacher's native top-k and the method's divergence.
@@ -34,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ds_moekd.bench.timing import _proc_status_bytes
+from ds_moekd.routing import AllExperts
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = ("kd", "gkd", "all", "ka", "sar")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -114,7 +117,7 @@ def setup_ours(cfg):
     device = rank_device(info.local_rank)
     precision = resolve_precision(cfg.precision, device)
     torch.manual_seed(cfg.train.seed)
-    kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.kd.loss_backend)
+    kernels.configure(expert_backend=cfg.teacher.expert_backend, loss_backend=cfg.loss.backend)
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(cfg.student.path))
     vocab = len(tokenizer)
     _, batches, _ = training_data(cfg, tokenizer, groups, device)
@@ -127,7 +130,7 @@ def setup_ours(cfg):
         micro = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
         watch = Stopwatch()
         watch.totals = phases
-        loss, _, extras = train_step(engine, teacher, method, micro, groups, vocab, watch, cfg.kd.token_chunk, step)
+        loss, _, extras = train_step(engine, teacher, method, micro, groups, vocab, watch, cfg.loss.token_chunk, step)
         return extras["tokens"], loss
 
     return groups.rank, (_nothing, step_fn, _nothing)
@@ -188,6 +191,16 @@ class _BaselineRouting:
                                                    RoutingContext(layer_index, sequence_T, position_T, draw_T))
             return logits_TN, weights_TK.to(hidden_states.dtype), ids_TK
         return forward
+
+    def set_targets(self, targets, batch, draw: int) -> None:
+        """Route like `targets` (a method's TeacherTargets): native, every expert the transformers
+        way (top_k = N), or the policy patched in for draw `draw`."""
+        if targets.routing is None:
+            self.set("native")
+        elif isinstance(targets.routing, AllExperts):
+            self.set("all")
+        else:
+            self.set("policy", targets.routing, batch, draw)
 
     def set(self, mode: str, policy=None, batch=None, draw: int = 0) -> None:
         """mode: native | all | policy."""
@@ -272,17 +285,14 @@ def setup_baseline(cfg):
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, cfg.train.steps))  # as ours
     router_params, router_opt = [], None
-    if cfg.method == "sar":
+    if method.trains_teacher_routers:
         router_params = [router.weight for _, router in routing.routers]
         for p in router_params:
             p.requires_grad_(True)
         router_opt = torch.optim.AdamW(router_params, lr=cfg.sar.router_lr, weight_decay=cfg.sar.router_weight_decay)
         if cfg.sar.activation_checkpointing:  # the same setting as ours: recompute layers in the router backward
             teacher.gradient_checkpointing_enable({"use_reentrant": False})
-    on_policy = cfg.method != "kd"
-    divergence = "forward_kl" if cfg.method == "kd" else cfg.gkd.divergence
-    ce_weight = cfg.kd.ce_weight if cfg.method == "kd" else cfg.gkd.ce_weight
-    div_weight = cfg.kd.kl_weight if cfg.method == "kd" else 1.0
+    terms = method.terms
     linear = {"ours": None}
 
     def enter() -> None:
@@ -303,29 +313,25 @@ def setup_baseline(cfg):
         batch = next(batches)
         watch = Stopwatch()
         watch.totals = phases
-        if on_policy:  # the plain student's rollouts (DDP's module), the same sampler and keys as ours
+        if method.on_policy:  # the plain student's rollouts (DDP's module), the same sampler and keys as ours
             batch = method.responses(batch, StepContext(ddp, teacher, groups, vocab, step, watch))
-        for _ in range(cfg.sar.router_steps if cfg.method == "sar" else 0):
+        for _ in range(cfg.sar.router_steps if method.trains_teacher_routers else 0):
             with watch.time("router_s"):
                 _router_step(teacher, routing, student, batch, cfg, vocab, router_params, router_opt,
                              groups.world_size)
         with watch.time("teacher_s"), torch.no_grad():
-            if cfg.method == "ka":
-                policy = method.teacher_targets(step).routing
-                t_logps = []
-                for draw in range(cfg.ka.draws):  # M sequential forwards
-                    routing.set("policy", policy, batch, draw)
-                    t_logps.append(_teacher_logp(teacher, batch, vocab))
-            else:
-                routing.set("all" if cfg.method in ("all", "sar") else "native")
-                t_logps = [_teacher_logp(teacher, batch, vocab)]
+            targets = method.teacher_targets(step)
+            t_logps = []
+            for draw in range(targets.draws):  # M sequential forwards
+                routing.set_targets(targets, batch, draw)
+                t_logps.append(_teacher_logp(teacher, batch, vocab))
         with watch.time("student_s"):
             logits = ddp(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[..., :vocab].float()
             s_logp = torch.log_softmax(batch.response_rows(logits), dim=-1)
-            div = sum(_divergence(divergence, s_logp, t, cfg.gkd.beta) for t in t_logps) / len(t_logps)
-            loss = div_weight * div
-            if ce_weight:
-                loss = loss + ce_weight * F.nll_loss(s_logp, batch.targets[batch.loss_mask.bool()])
+            div = sum(_divergence(terms.divergence, s_logp, t, terms.beta) for t in t_logps) / len(t_logps)
+            loss = terms.div_weight * div
+            if terms.ce_weight:
+                loss = loss + terms.ce_weight * F.nll_loss(s_logp, batch.targets[batch.loss_mask.bool()])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.grad_clip)
             optimizer.step()
@@ -341,10 +347,11 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from ds_moekd.config import load_config
     from ds_moekd.dist import shutdown
+    from ds_moekd.methods import method_class
 
     cfg = load_config(args.config, args.overrides)
-    if cfg.method not in METHODS:
-        raise SystemExit(f"bench e2e: method {cfg.method!r} has no authors'-style baseline (one of {METHODS})")
+    if not method_class(cfg.method).needs_teacher:
+        raise SystemExit(f"bench e2e: method {cfg.method!r} has no authors'-style baseline: it has no teacher")
     try:
         steppers = {}
         if args.system in ("baseline", "both"):

@@ -1,9 +1,16 @@
-"""`ds-moekd bench moe-layer`: one MoE layer's expert FFN forward, every implementation, one run.
+"""`ds-moekd bench moe-layer`: one MoE layer's forward as the teacher runs it, against transformers'.
 
-Reports per implementation the time, the useful expert TFLOP/s (2·T·k·3·H·I for k experts per
-token) and the ratio to one plain `[T, H] × [H, 3·k·I]` GEMM of equal FLOPs timed in the same run.
-With `--routing ka`, T = M·N tokens (M draws of N batched, docs/kernels.md, path 3), and ours is also
-timed as M sequential calls of N tokens.
+Ours is the teacher's `ExpertParallelMoE` (router, routing policy, the dense or sparse dispatch that
+`takes_dense_path` picks, ds_moekd.kernels experts): in one process at `--ep 1`, or across `--ep`
+local ranks (gloo over loopback on CPU), each holding N/EP experts and `--tokens` tokens of its own.
+The baseline, timed in the same run on the same tokens and weights, is transformers'
+`MixtralSparseMoeBlock` with each of its `experts_implementation`s, all N experts in each process,
+its router replaced by the same routing policy (so both use the same experts and weights).
+
+Routing: native top-k, all experts, or KA (N-1 experts of M = `--ka-draws` draws of the tokens,
+keyed by draw index, as one batched layer call: T = M·tokens; ours is also timed as M sequential
+calls). Reports per implementation the time, the useful expert TFLOP/s (2·T·k·3·H·I for k experts
+per token) and the ratio to one plain `[T, H] × [H, 3·k·I]` GEMM of equal FLOPs timed in the same run.
 """
 
 from __future__ import annotations
@@ -11,29 +18,52 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from ds_moekd.kernels import moe_experts
-from ds_moekd.kernels.dispatch import DENSE_FRACTION, choose_backend
+from ds_moekd.kernels import choose_backend
+from ds_moekd.routing import AllExperts, KASample, NativeTopK
+from ds_moekd.teacher.dense_dispatch import takes_dense_path
+from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
 
-from .implementations import NotMeasured, implementations
-from .options import parse_with_run_options
+from .implementations import (
+    FORCED_BACKENDS,
+    TRANSFORMERS_IMPLEMENTATIONS,
+    NotMeasured,
+    forced_backend,
+    our_layer,
+    transformers_layer,
+)
+from .options import is_launched_rank, parse_with_run_options, run_on_local_ranks, start_ranks
 from .presets import PRESETS, experts_per_token
 from .timing import device_name, time_ms
 
 
-def make_layer(preset, routing: str, tokens: int, device, dtype, seed: int = 0):
-    """Weights, inputs and a routing (softmax over the chosen router logits) for `tokens` tokens."""
+def routing_policy(routing: str, num_experts: int):
+    return {"native": NativeTopK(), "all": AllExperts(), "ka": KASample(num_selected=num_experts - 1, seed=0)}[routing]
+
+
+def make_weights(preset, device, dtype, seed: int = 0):
+    """Router `[N, H]` and expert weights `[N, H, 2I]`, `[N, I, H]`, the same on every rank."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     e, h, i = preset.num_experts, preset.hidden, preset.inter
-    w_gate_up = (torch.randn(e, h, 2 * i, generator=g) / h**0.5).to(device, dtype)
-    w_down = (torch.randn(e, i, h, generator=g) / i**0.5).to(device, dtype)
-    x = torch.randn(tokens, h, generator=g).to(device, dtype)
-    logits = torch.randn(tokens, e, generator=g).to(device)
-    top_logits, ids = logits.topk(experts_per_token(preset, routing), dim=-1)
-    return w_gate_up, w_down, x, ids, torch.softmax(top_logits, -1).to(dtype)
+    gate_NH = torch.randn(e, h, generator=g) / h**0.5
+    w_gate_up = torch.randn(e, h, 2 * i, generator=g) / h**0.5
+    w_down = torch.randn(e, i, h, generator=g) / i**0.5
+    return [w.to(device, dtype) for w in (gate_NH, w_gate_up, w_down)]
+
+
+def set_routing(ours: ExpertParallelMoE, policy, tokens: int, draws: int, rank: int, device, draw: int | None = None):
+    """Keys of `draws` copies of `tokens` tokens (draw-major, as `MoETeacher.forward_draws` stacks
+    them), or of draw `draw` alone; every token a sequence of its own, unique across ranks."""
+    copies = draws if draw is None else 1
+    sequence_T = (rank * tokens + torch.arange(tokens, device=device)).repeat(copies)
+    draw_T = (torch.arange(draws, device=device) if draw is None else torch.tensor([draw], device=device))
+    ours.active = ActiveRouting(policy=policy, sequence_T=sequence_T, position_T=torch.zeros_like(sequence_T),
+                                draw_T=draw_T.repeat_interleave(tokens))
 
 
 def _time_gemm(x_TH: torch.Tensor, columns: int, timer: dict) -> float:
@@ -46,45 +76,44 @@ def _entry(ms: float, flops: float, gemm_ms: float) -> dict:
     return {"ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 3), "ratio_to_gemm": round(gemm_ms / ms, 4)}
 
 
-def run(
-    preset_name: str,
-    routing: str,
-    tokens: int,
-    ka_draws: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    warmup: int,
-    iters: int,
-) -> dict:
+def run(preset_name, routing, tokens, ka_draws, dtype, device, warmup, iters, groups=None) -> dict:
+    from ds_moekd.dist import ParallelGroups
+
+    groups = groups or ParallelGroups.single()
     preset = PRESETS[preset_name]
     k = experts_per_token(preset, routing)
-    total_tokens = tokens * (ka_draws if routing == "ka" else 1)
-    w_gate_up, w_down, x, ids, weights = make_layer(preset, routing, total_tokens, device, dtype)
+    draws = ka_draws if routing == "ka" else 1
+    total_tokens = tokens * draws
+    weights = make_weights(preset, device, dtype)
+    ours = our_layer(preset, weights, groups)
+    policy = routing_policy(routing, preset.num_experts)
+    # this rank's tokens; KA's draws are copies of them
+    x_TH = torch.randn(tokens, preset.hidden, generator=torch.Generator().manual_seed(1 + groups.rank))
+    x_TH = x_TH.to(device, dtype).repeat(draws, 1)
     flops = 2.0 * total_tokens * k * 3 * preset.hidden * preset.inter
     timer = {"device": device, "warmup": warmup, "iters": iters}
+    set_routing(ours, policy, tokens, draws, groups.rank, device)
     with torch.no_grad():
-        gemm_ms = _time_gemm(x, 3 * k * preset.inter, timer)
-        reference = moe_experts(x, ids, weights, w_gate_up, w_down).float()
+        gemm_ms = _time_gemm(x_TH, 3 * k * preset.inter, timer)
+        builders = {"ours": lambda: ours}
+        for backend in FORCED_BACKENDS:
+            builders[backend] = lambda backend=backend: forced_backend(ours, backend, device, dtype)
+        for impl in TRANSFORMERS_IMPLEMENTATIONS:
+            builders[f"transformers_{impl}"] = lambda impl=impl: transformers_layer(preset, weights, k, ours, impl)
+        reference = ours(x_TH).float()
         results = {}
-        for name, build in implementations(w_gate_up, w_down).items():
-            try:
-                fn = build()
-                err = (
-                    fn(x, ids, weights).float() - reference
-                ).abs().max().item() / reference.abs().max().item()
-                results[name] = {
-                    **_entry(time_ms(lambda fn=fn: fn(x, ids, weights), **timer), flops, gemm_ms),
-                    "max_rel_diff_vs_ours": float(f"{err:.3g}"),
-                }
-            except NotMeasured as reason:
-                results[name] = {"not_measured": str(reason)}
-            except torch.OutOfMemoryError as oom:
-                results[name] = {"not_measured": f"out of memory: {str(oom).splitlines()[0]}"}
-                torch.cuda.empty_cache()
+        for name, build in builders.items():
+            results[name] = _measure(name, build, x_TH, reference, flops, gemm_ms, timer, groups)
         if routing == "ka":
-            draws = [(x[d::ka_draws], ids[d::ka_draws], weights[d::ka_draws]) for d in range(ka_draws)]
-            seq_ms = time_ms(lambda: [moe_experts(*draw, w_gate_up, w_down) for draw in draws], **timer)
-            results["ours_sequential_draws"] = _entry(seq_ms, flops, gemm_ms)
+            per_draw = x_TH[:tokens]
+
+            def sequential():
+                for d in range(draws):
+                    set_routing(ours, policy, tokens, draws, groups.rank, device, draw=d)
+                    ours(per_draw)
+
+            results["ours_sequential_draws"] = _entry(time_ms(sequential, **timer), flops, gemm_ms)
+        ours.active = None
     measured = {n: r for n, r in results.items() if "ms" in r and n.startswith("transformers_")}
     return {
         "benchmark": "moe-layer",
@@ -95,16 +124,34 @@ def run(
         **preset.__dict__,
         "routing": routing,
         "experts_per_token": k,
-        "tokens": total_tokens,
+        "ep_size": groups.ep_size,
+        "tokens": total_tokens,  # per rank
         "tokens_per_draw": tokens,
         "ka_draws": ka_draws if routing == "ka" else None,
         "useful_gflop": round(flops / 1e9, 3),
-        "ours_path": "dense" if k >= DENSE_FRACTION * preset.num_experts else "sparse",
-        "ours_backend": choose_backend("moe_experts", device, dtype),
+        "ours_path": "dense" if takes_dense_path(k, preset.num_experts) else "sparse",
+        "ours_backend": choose_backend(
+            "dense_swiglu" if takes_dense_path(k, preset.num_experts) else "grouped_swiglu", device, dtype
+        ),
         "gemm": {"ms": round(gemm_ms, 4), "tflops": round(flops / gemm_ms / 1e9, 3)},
         "transformers_fastest": min(measured, key=lambda n: measured[n]["ms"]) if measured else None,
         "implementations": results,
     }
+
+
+def _measure(name, build, x_TH, reference, flops, gemm_ms, timer, groups) -> dict:
+    """Time one implementation; under EP every rank measures the same ones, so their collectives pair up."""
+    try:
+        fn = build()
+        err = (fn(x_TH).float() - reference).abs().max().item() / reference.abs().max().item()
+        if groups.ep_size > 1:
+            dist.barrier(group=groups.ep_group)  # the timed calls start together
+        return {**_entry(time_ms(lambda: fn(x_TH), **timer), flops, gemm_ms), "max_rel_diff_vs_ours": float(f"{err:.3g}")}
+    except NotMeasured as reason:
+        return {"not_measured": str(reason)}
+    except torch.OutOfMemoryError as oom:
+        torch.cuda.empty_cache()
+        return {"not_measured": f"out of memory: {str(oom).splitlines()[0]}"}
 
 
 def _versions() -> dict:
@@ -121,7 +168,8 @@ def format_table(result: dict) -> str:
     lines = [
         (
             f"{result['preset']} routing={result['routing']} k={result['experts_per_token']} "
-            f"tokens={result['tokens']} {result['dtype']} on {result['device']}"
+            f"({result['ours_path']} path) EP {result['ep_size']}, tokens={result['tokens']} per rank, "
+            f"{result['dtype']} on {result['device']}"
         ),
         f"  {'gemm (equal FLOPs)':28s} {result['gemm']['ms']:10.3f} ms {result['gemm']['tflops']:8.2f} TFLOP/s",
     ]
@@ -139,14 +187,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="ds-moekd bench moe-layer", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--routing", choices=["native", "all", "ka"], default="native")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens (per draw for --routing ka)")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank (per draw for --routing ka)")
     parser.add_argument("--ka-draws", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    args, opts = parse_with_run_options(parser, argv, gpu_warmup=3)
-    result = run(
-        args.preset, args.routing, args.tokens, args.ka_draws, opts.dtype, opts.device, opts.warmup, opts.iters
-    )
-    print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    parser.add_argument("--json", type=Path, default=None, help="write the result here (rank 0)")
+    args, opts = parse_with_run_options(parser, argv, gpu_warmup=3, ep=True)
+    if opts.ep > 1 and not is_launched_rank():
+        run_on_local_ranks("ds_moekd.bench.moe_layer", sys.argv[1:] if argv is None else list(argv), opts.ep)
+        return
+    groups, device = start_ranks(opts)
+    result = run(args.preset, args.routing, args.tokens, args.ka_draws, opts.dtype, device, opts.warmup,
+                 opts.iters, groups)
+    if groups.rank == 0:
+        print(format_table(result))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+    finish_ranks(groups)
+
+
+def finish_ranks(groups) -> None:
+    if groups.world_size > 1:
+        from ds_moekd.dist import shutdown
+
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()

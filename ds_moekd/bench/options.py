@@ -1,4 +1,5 @@
-"""The command-line options every benchmark shares: --device, --dtype, --warmup, --iters, --threads.
+"""The command-line options every benchmark shares: --device, --dtype, --warmup, --iters, --threads,
+and for the benchmarks of the expert-parallel teacher --ep (its EP size: that many local ranks).
 
 Their defaults depend on the device chosen, so they parse as None and are filled in afterwards.
 """
@@ -6,6 +7,9 @@ Their defaults depend on the device chosen, so they parse as None and are filled
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +21,11 @@ class RunOptions:
     dtype: torch.dtype
     warmup: int
     iters: int
+    ep: int = 1
 
 
 def parse_with_run_options(
-    parser: argparse.ArgumentParser, argv: list[str] | None, *, gpu_warmup: int
+    parser: argparse.ArgumentParser, argv: list[str] | None, *, gpu_warmup: int, ep: bool = False
 ) -> tuple[argparse.Namespace, RunOptions]:
     """Add the shared options to `parser`, parse `argv`, and resolve their defaults for the device.
 
@@ -37,6 +42,11 @@ def parse_with_run_options(
     parser.add_argument("--warmup", type=int, default=None, help=f"default: {gpu_warmup} on a GPU, 1 on CPU")
     parser.add_argument("--iters", type=int, default=None, help="default: 10 on a GPU, 3 on CPU")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    if ep:
+        parser.add_argument(
+            "--ep", type=int, default=1,
+            help="expert-parallel size: >1 starts that many local ranks (gloo over loopback on CPU, one GPU each)",
+        )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,4 +57,39 @@ def parse_with_run_options(
         dtype=getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32")),
         warmup=args.warmup if args.warmup is not None else (gpu_warmup if on_gpu else 1),
         iters=args.iters if args.iters is not None else (10 if on_gpu else 3),
+        ep=getattr(args, "ep", 1),
     )
+
+
+def is_launched_rank() -> bool:
+    """Whether this process is one rank of a multi-rank launch (`run_on_local_ranks`)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def run_on_local_ranks(module: str, argv: list[str], ranks: int) -> None:
+    """Run `python -m module argv` as `ranks` local ranks (torch.distributed.run, loopback only) and
+    wait; rank 0 prints and writes the result. CPU ranks share the cores: each gets its share as
+    intra-op threads unless OMP_NUM_THREADS is set."""
+    from ds_moekd.dist import free_loopback_port
+
+    port = str(free_loopback_port())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TOKENIZERS_PARALLELISM": "false"}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    if not torch.cuda.is_available():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+           "127.0.0.1", "--master_port", port, "-m", module, *argv]
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{module}: the {ranks} local ranks failed (exit {proc.returncode})")
+
+
+def start_ranks(opts: RunOptions):
+    """(ParallelGroups, this rank's device): one process, or one rank of `run_on_local_ranks`."""
+    from ds_moekd.dist import ParallelGroups, init_distributed
+
+    if opts.ep == 1:
+        return ParallelGroups.single(), opts.device
+    info = init_distributed()
+    device = torch.device("cuda", info.local_rank) if opts.device.type == "cuda" else opts.device
+    return ParallelGroups.create(ep_size=opts.ep), device

@@ -1,44 +1,28 @@
-"""`ds-moekd bench teacher`: a whole teacher forward, transformers' experts against ours.
+"""`ds-moekd bench teacher`: a whole teacher forward, the teacher training runs against transformers'.
 
-The teacher is transformers' own Mixtral-architecture model at a preset's layer sizes (random
-weights; default: 4 LLaMA-MoE-3.5B-sized layers, vocab 32000, 8×512 tokens), run with its eager
-and grouped_mm experts, then with its expert modules swapped for ours (`moe_experts`: the dense
-path for all-expert / KA routing). Routing: native top-k, all experts, or N-1 experts (KA-like).
+The model is transformers' own Mixtral-architecture causal LM at a preset's layer sizes (random
+weights; default: 4 LLaMA-MoE-3.5B-sized layers, vocab 32000, 8×512 tokens per rank), with k
+experts per token (native top-k, all experts, or N-1 like KA). It is saved once and loaded as the
+`MoETeacher` training uses (`MoETeacher.from_pretrained`, expert-parallel over `--ep` local ranks,
+each holding N/EP experts and a batch of its own), and timed against transformers' model run with
+its eager and grouped_mm experts (all N experts in each process) on the same batch, in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.distributed as dist
 
-from ds_moekd.kernels import moe_experts
-
-from .moe_layer import _versions
-from .options import parse_with_run_options
+from .moe_layer import _versions, finish_ranks
+from .options import is_launched_rank, parse_with_run_options, run_on_local_ranks, start_ranks
 from .presets import PRESETS, experts_per_token
 from .timing import device_name, time_ms
-
-
-class OurExperts(nn.Module):
-    """Takes transformers' experts call `(hidden, top_k_index, top_k_weights)`; weights in our layout."""
-
-    def __init__(self, experts: nn.Module):
-        super().__init__()
-        self.w_gate_up_EHJ = nn.Parameter(
-            experts.gate_up_proj.detach().transpose(1, 2).contiguous(), requires_grad=False
-        )
-        self.w_down_EIH = nn.Parameter(
-            experts.down_proj.detach().transpose(1, 2).contiguous(), requires_grad=False
-        )
-
-    def forward(self, hidden_TH, top_k_index, top_k_weights):
-        return moe_experts(
-            hidden_TH, top_k_index, top_k_weights.to(hidden_TH.dtype), self.w_gate_up_EHJ, self.w_down_EIH
-        )
 
 
 def build_model(preset_name: str, routing: str, layers: int, vocab: int, heads: int, device, dtype):
@@ -57,29 +41,41 @@ def build_model(preset_name: str, routing: str, layers: int, vocab: int, heads: 
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the same weights on every rank
     with torch.device(device):
         model = MixtralForCausalLM(config).to(dtype).eval()
     return model
 
 
-def swap_in_our_experts(model) -> list[tuple[nn.Module, nn.Module]]:
-    """Replace each MoE block's experts; returns (block, original) pairs to swap back."""
-    swapped = []
-    for module in model.modules():
-        experts = getattr(module, "experts", None)
-        if experts is not None and hasattr(experts, "gate_up_proj"):
-            swapped.append((module, experts))
-            module.experts = OurExperts(experts)
-    return swapped
+def load_ours(model, work: Path, groups, device, dtype):
+    """The same weights as the `MoETeacher` training loads: rank 0 saves the checkpoint, every rank
+    reads its part of it."""
+    from ds_moekd.teacher import MoETeacher
+
+    if groups.rank == 0:
+        model.save_pretrained(work)
+    if groups.world_size > 1:
+        dist.barrier()
+    return MoETeacher.from_pretrained(str(work), groups=groups, dtype=dtype, device=device)
 
 
-def run(preset_name, routing, batch, seq, layers, vocab, heads, device, dtype, warmup, iters) -> dict:
+def run(preset_name, routing, batch, seq, layers, vocab, heads, device, dtype, warmup, iters, groups=None,
+        work: Path | None = None) -> dict:
+    from ds_moekd.dist import ParallelGroups
+
+    groups = groups or ParallelGroups.single()
     model = build_model(preset_name, routing, layers, vocab, heads, device, dtype)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+    generator = torch.Generator().manual_seed(1 + groups.rank)  # each rank its own batch
+    input_ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
     timer = {"device": device, "warmup": warmup, "iters": iters}
     results, logits = {}, {}
+    with tempfile.TemporaryDirectory() as scratch:
+        ours = load_ours(model, work or Path(scratch), groups, device, dtype)
     with torch.no_grad():
+        ours_logits = ours(input_ids).logits.float()
+        if groups.world_size > 1:
+            dist.barrier()
+        results["ours"] = {"ms": round(time_ms(lambda: ours(input_ids), **timer), 3)}
         for impl in ("eager", "grouped_mm"):
             try:
                 model.set_experts_implementation(impl)
@@ -89,17 +85,11 @@ def run(preset_name, routing, batch, seq, layers, vocab, heads, device, dtype, w
                 }
             except (RuntimeError, KeyError, ValueError, AttributeError) as err:
                 results[f"transformers_{impl}"] = {"not_measured": f"{type(err).__name__}: {err}"}
-        swap_in_our_experts(model)
-        ours = model(input_ids=input_ids).logits.float()
-        results["ours"] = {"ms": round(time_ms(lambda: model(input_ids=input_ids), **timer), 3)}
     for name, ref in logits.items():
-        results[f"transformers_{name}"]["max_abs_logit_diff_vs_ours"] = float(
-            f"{(ref - ours).abs().max().item():.3g}"
-        )
-        if "ms" in results[f"transformers_{name}"]:
-            results[f"transformers_{name}"]["ours_speedup"] = round(
-                results[f"transformers_{name}"]["ms"] / results["ours"]["ms"], 3
-            )
+        entry = results[f"transformers_{name}"]
+        entry["max_abs_logit_diff_vs_ours"] = float(f"{(ref - ours_logits).abs().max().item():.3g}")
+        if "ms" in entry:
+            entry["ours_speedup"] = round(entry["ms"] / results["ours"]["ms"], 3)
     return {
         "benchmark": "teacher",
         "device": device_name(device),
@@ -107,9 +97,10 @@ def run(preset_name, routing, batch, seq, layers, vocab, heads, device, dtype, w
         "versions": _versions(),
         "preset": preset_name,
         "routing": routing,
+        "ep_size": groups.ep_size,
         "layers": layers,
         "vocab": vocab,
-        "batch": batch,
+        "batch": batch,  # per rank
         "seq": seq,
         "experts_per_token": experts_per_token(PRESETS[preset_name], routing),
         "implementations": results,
@@ -123,24 +114,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per rank")
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--json", type=Path, default=None)
-    args, opts = parse_with_run_options(parser, argv, gpu_warmup=2)
-    result = run(
-        args.preset,
-        args.routing,
-        args.batch,
-        args.seq,
-        args.layers,
-        args.vocab,
-        args.heads,
-        opts.device,
-        opts.dtype,
-        opts.warmup,
-        opts.iters,
-    )
-    print(json.dumps(result, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    parser.add_argument("--json", type=Path, default=None, help="write the result here (rank 0)")
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)  # the ranks' shared checkpoint
+    args, opts = parse_with_run_options(parser, argv, gpu_warmup=2, ep=True)
+    if opts.ep > 1 and not is_launched_rank():
+        with tempfile.TemporaryDirectory() as work:
+            argv = sys.argv[1:] if argv is None else list(argv)
+            run_on_local_ranks("ds_moekd.bench.teacher", [*argv, "--work", work], opts.ep)
+        return
+    groups, device = start_ranks(opts)
+    result = run(args.preset, args.routing, args.batch, args.seq, args.layers, args.vocab, args.heads, device,
+                 opts.dtype, opts.warmup, opts.iters, groups, args.work)
+    if groups.rank == 0:
+        print(json.dumps(result, indent=1))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+    finish_ranks(groups)
+
+
+if __name__ == "__main__":
+    main()

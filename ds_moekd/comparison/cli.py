@@ -23,9 +23,11 @@ from pathlib import Path
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.comparison.runs import RunSpec, run_one
-from ds_moekd.config import METHODS, RunConfig, load_config
+from ds_moekd.config import RunConfig, load_config
 from ds_moekd.data.synthetic import read_jsonl
 from ds_moekd.heldout import scored_student
+from ds_moekd.methods import METHODS
+from ds_moekd.methods.sar import EXPORT_DIR as TUNED_TEACHER_DIR
 from ds_moekd.telemetry import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,10 +155,10 @@ def main(argv=None) -> Path:
         run_dir = runs_dir / spec.name
         print(f"[compare] scoring {spec.name}")
         runs[spec.name] = _run_row(spec, methods[spec.label], run_dir, score)
-        if (run_dir / "sar_teacher_hf").is_dir():
+        if (run_dir / TUNED_TEACHER_DIR).is_dir():
             runs[spec.name]["router_movement"] = _cached(
                 run_dir / "router_movement.json", key,
-                lambda run_dir=run_dir: router_movement(teacher_dir, run_dir / "sar_teacher_hf", records))
+                lambda run_dir=run_dir: router_movement(teacher_dir, run_dir / TUNED_TEACHER_DIR, records))
     data = {"settings": {"methods": args.methods, "init": args.init, "seeds": list(range(1, args.seeds + 1)),
                          "eval_seeds": eval_seeds, "world_size": args.world_size, "overrides": run_overrides,
                          "eval_file": args.eval_file, "eval_records": len(records),

@@ -13,14 +13,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
-
 from ds_moekd.atomic import write_text
 from ds_moekd.comparison.stats import Summary, excludes_zero, paired_difference, summarize
-from ds_moekd.telemetry import moving_average, read_metrics
+from ds_moekd.plots import ScorePanel, comparison_curves, comparison_score_bars
+from ds_moekd.telemetry import read_metrics
 
 # (decoding, metric, label); the first is the paper's headline number.
 SCORES = (("sampled", "rouge_l", "ROUGE-L, sampled"), ("sampled", "exact_match", "strict EM, sampled"),
@@ -159,64 +155,40 @@ def router_table(data: dict) -> list[str]:
     return lines
 
 
-def plot_scores(data: dict, path: Path) -> None:
-    """Per score: a bar per row (mean, whiskers the 95% interval), teacher and SFT init as lines."""
+def score_panels(data: dict) -> list[ScorePanel]:
+    """The plotted scores (the headline and strict EM, greedy): per row its mean and 95% interval."""
     groups = by_label(data["runs"])
-    shown = (PRIMARY, SCORES[2])
-    fig, axes = plt.subplots(1, len(shown), figsize=(12, 4.2))
-    for ax, (decoding, metric, label) in zip(axes, shown):
-        summaries = [_summary(groups[g], decoding, metric) for g in groups]
-        errors = [s.half_width if math.isfinite(s.half_width) else 0 for s in summaries]
-        bars = ax.bar(list(groups), [s.mean for s in summaries], yerr=errors, capsize=4, color="tab:blue")
-        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
-        for i, (name, row) in enumerate(data["teacher"]["routings"].items()):
-            ax.axhline(value(row, decoding, metric), color=f"C{i + 1}", linestyle="--", linewidth=1,
-                       label=f"teacher ({name})")
-        if data["inits"]:
-            ax.axhline(_summary(list(data["inits"].values()), decoding, metric).mean, color="gray", linestyle=":",
-                       label="student, SFT init")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label}: mean over seeds, 95% interval")
-        ax.tick_params(axis="x", labelsize=8)
-        ax.grid(alpha=0.3, axis="y")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    panels = []
+    for decoding, metric, label in (PRIMARY, SCORES[2]):
+        summaries = {g: _summary(rows, decoding, metric) for g, rows in groups.items()}
+        teacher = {name: value(row, decoding, metric) for name, row in data["teacher"]["routings"].items()}
+        init = _summary(list(data["inits"].values()), decoding, metric).mean if data["inits"] else None
+        panels.append(ScorePanel(label, {g: (s.mean, s.half_width) for g, s in summaries.items()}, teacher, init))
+    return panels
 
 
-def plot_curves(data: dict, runs_dir: Path, path: Path) -> None:
-    """Training loss (moving average, mean over seeds) and validation score per row."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for i, (label, runs) in enumerate(by_label(data["runs"]).items()):
+def mean_curves(data: dict, runs_dir: Path) -> tuple[dict, dict]:
+    """Per row, its training loss and validation score per step, each the mean over its seeds (over
+    the steps all seeds logged); validation only for rows whose every seed validated."""
+    loss, validation = {}, {}
+    for label, runs in by_label(data["runs"]).items():
         curves = [read_metrics(runs_dir / r["name"] / "metrics.jsonl") for r in runs]
         length = min(len(c) for c in curves)
-        mean = [sum(c[j]["loss"] for c in curves) / len(curves) for j in range(length)]
-        axes[0].plot([curves[0][j]["step"] for j in range(length)], moving_average(mean, max(1, length // 25)),
-                     color=f"C{i}", label=label)
+        loss[label] = ([curves[0][j]["step"] for j in range(length)],
+                       [sum(c[j]["loss"] for c in curves) / len(curves) for j in range(length)])
         validations = [runs_dir / r["name"] / "validation.jsonl" for r in runs]
         if all(v.is_file() for v in validations):
             points = [read_metrics(v) for v in validations]
             count = min(len(p) for p in points)
-            axes[1].plot([points[0][j]["step"] for j in range(count)],
-                         [sum(p[j][p[j]["metric"]] for p in points) / len(points) for j in range(count)],
-                         marker="o", color=f"C{i}", label=label)
-    axes[0].set(title="Training objective (each method's own loss; mean over seeds)", xlabel="optimizer step",
-                ylabel="nats per response token")
-    axes[1].set(title="Validation split (greedy; mean over seeds)", xlabel="optimizer step", ylabel="score")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            validation[label] = ([points[0][j]["step"] for j in range(count)],
+                                 [sum(p[j][p[j]["metric"]] for p in points) / len(points) for j in range(count)])
+    return loss, validation
 
 
 def write_comparison_report(data: dict, runs_dir: Path, out: Path) -> Path:
     settings = data["settings"]
-    plot_scores(data, out / "scores.png")
-    plot_curves(data, runs_dir, out / "curves.png")
+    comparison_score_bars(out / "scores.png", score_panels(data))
+    comparison_curves(out / "curves.png", *mean_curves(data, runs_dir))
     init = (f"each seed's student first fine-tuned by `{settings['init']}` (stage 0), every method starting "
             "from that seed's init" if data["inits"] else "every method from its config's own student")
     lines = [
@@ -241,7 +213,7 @@ def write_comparison_report(data: dict, runs_dir: Path, out: Path) -> Path:
         "## Routers", "", *router_table(data), "",
         "## Curves", "", "![curves](curves.png)", "",
         f"Wall time of this call: {settings['wall_s'] / 60:.1f} min "
-        f"({len(settings['trained_now_s'])} runs trained now).", "",
+        f"({len(settings['trained_now_s'])} runs trained by it; the others were already in the output folder).", "",
     ]
     write_text(out / "report.md", "\n".join(lines))
     return out / "report.md"

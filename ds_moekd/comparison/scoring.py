@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ds_moekd.comparison.stats import summarize
 from ds_moekd.data.batching import TokenizedExample, collate
 from ds_moekd.data.template import alpaca_prompt
-from ds_moekd.demo.evaluate import score_model
+from ds_moekd.decoding import Forward, HFForward
+from ds_moekd.demo.evaluate import scores_by_family
 from ds_moekd.eval.diagnostics import non_activated_gate_mass, router_distributions
 from ds_moekd.routing import AllExperts, KASample, NativeTopK
 
@@ -31,13 +32,12 @@ def teacher_routings(num_experts: int, resample_prob: float) -> dict:
             "ka": KASample(resample_prob=resample_prob, num_selected=num_experts - 1, seed=0)}
 
 
-def score_decodings(model, tokenizer, records: list[dict], max_new_tokens: int, eval_seeds: list[int],
-                    routing=None) -> dict:
+def score_decodings(forward: Forward, tokenizer, records: list[dict], max_new_tokens: int,
+                    eval_seeds: list[int]) -> dict:
     """{"greedy": scores, "sampled": mean and std over `eval_seeds` of temperature-1 samples, with each
-    seed's scores and the per-family mean}."""
-    greedy = score_model(model, tokenizer, records, max_new_tokens=max_new_tokens, routing=routing)
-    per_seed = [score_model(model, tokenizer, records, max_new_tokens=max_new_tokens, routing=routing, sample_seed=s)
-                for s in eval_seeds]
+    seed's scores and the per-family mean}, of the model behind `forward` (ds_moekd/decoding.py)."""
+    (greedy,) = scores_by_family(forward, tokenizer, records, max_new_tokens=max_new_tokens)
+    per_seed = scores_by_family(forward, tokenizer, records, max_new_tokens=max_new_tokens, seeds=list(eval_seeds))
     sampled: dict = {"seeds": list(eval_seeds),
                      "per_seed": [{m: run[m] for m in METRICS} for run in per_seed]}
     for metric in METRICS:
@@ -52,7 +52,7 @@ def score_decodings(model, tokenizer, records: list[dict], max_new_tokens: int, 
 def score_student(model_dir: Path, records: list[dict], max_new_tokens: int, eval_seeds: list[int]) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return score_decodings(model, tokenizer, records, max_new_tokens, eval_seeds)
+    return score_decodings(HFForward(model), tokenizer, records, max_new_tokens, eval_seeds)
 
 
 def score_teacher(teacher_dir: Path, records: list[dict], max_new_tokens: int, resample_prob: float,
@@ -64,7 +64,7 @@ def score_teacher(teacher_dir: Path, records: list[dict], max_new_tokens: int, r
     teacher = MoETeacher.from_pretrained(str(teacher_dir))
     routings = teacher_routings(teacher.num_experts, resample_prob)
     fit = routing_fit(teacher, tokenizer, records, routings)
-    rows = {name: {**score_decodings(teacher, tokenizer, records, max_new_tokens, eval_seeds, routing=policy),
+    rows = {name: {**score_decodings(teacher.decoding_forward(policy), tokenizer, records, max_new_tokens, eval_seeds),
                    **fit[name]}
             for name, policy in routings.items()}
     return {"routings": rows, "gate_mass": gate_mass(teacher, tokenizer, records)}

@@ -21,7 +21,8 @@ import transformers
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ds_moekd.data.synthetic import SPLITS, generate_splits, write_jsonl
-from ds_moekd.demo.evaluate import expert_load, score_model
+from ds_moekd.decoding import HFForward
+from ds_moekd.demo.evaluate import expert_load, scores_by_family
 from ds_moekd.demo.models import StudentShape, TeacherShape, dense_teacher, split_into_experts, student
 from ds_moekd.demo.report import write_report
 from ds_moekd.demo.tokenizer import train_tokenizer
@@ -182,7 +183,7 @@ def _evaluate(plan: BuildPlan, out: Path, init_dir: Path, tokenizer, test: list[
     evaluations, params = {}, {}
     for name, k in widths.items():
         model = AutoModelForCausalLM.from_pretrained(out / "teacher", num_experts_per_tok=k)
-        evaluations[name] = score_model(model, tokenizer, test, max_new_tokens=plan.max_new_tokens)
+        (evaluations[name],) = scores_by_family(HFForward(model), tokenizer, test, max_new_tokens=plan.max_new_tokens)
         log(f"[build] {name}: exact match {evaluations[name]['exact_match']}")
         if k == top_k:
             middle = plan.teacher.layers // 2
@@ -190,7 +191,7 @@ def _evaluate(plan: BuildPlan, out: Path, init_dir: Path, tokenizer, test: list[
             params["teacher"] = {"total": _parameters(model), "active_per_token": _active_parameters(model)}
     for name, directory in (("student", out / "student"), ("student_sft_init", init_dir)):
         model = AutoModelForCausalLM.from_pretrained(directory)
-        evaluations[name] = score_model(model, tokenizer, test, max_new_tokens=plan.max_new_tokens)
+        (evaluations[name],) = scores_by_family(HFForward(model), tokenizer, test, max_new_tokens=plan.max_new_tokens)
         log(f"[build] {name}: exact match {evaluations[name]['exact_match']}")
     params["student"] = {"total": _parameters(model), "active_per_token": _parameters(model)}
     for role in ("teacher", "student"):

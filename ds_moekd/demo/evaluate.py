@@ -1,4 +1,5 @@
-"""Scores of a demo model on held-out records, and the teacher's expert load per task family."""
+"""The demo's view of the one scorer (eval/runner.py): strict exact match and ROUGE-L per task family;
+and the teacher's expert load per task family."""
 
 from __future__ import annotations
 
@@ -6,30 +7,40 @@ from collections import defaultdict
 
 import torch
 
-from ds_moekd.data.template import alpaca_prompt
+from ds_moekd.data.formats import EvalData
+from ds_moekd.data.instructions import InstructionRecord
+from ds_moekd.decoding import Forward
 from ds_moekd.demo.train import encode_records
-from ds_moekd.eval import exact_match, rouge_l
-from ds_moekd.eval.generate import generate_responses
+from ds_moekd.eval.runner import EvalSettings, predict, record_scores
 
 
 def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 2)
 
 
-def score_model(model, tokenizer, records: list[dict], *, max_new_tokens: int, batch_size: int = 64,
-                routing=None, sample_seed: int | None = None) -> dict:
+def scores_by_family(forward: Forward, tokenizer, records: list[dict], *, max_new_tokens: int,
+                     seeds: list[int] | None = None, batch_size: int = 64) -> list[dict]:
     """Strict exact match (primary) and ROUGE-L, overall and per family (records without a `family`
-    count as "all"); greedy, or sampled at temperature 1 with `sample_seed`; `routing` for a `MoETeacher`."""
-    prompts = [alpaca_prompt(r["instruction"], r.get("input", "")) for r in records]
-    predictions = generate_responses(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size, routing=routing,
-                                     do_sample=sample_seed is not None, seed=sample_seed)
+    count as "all"), of the model behind `forward` (ds_moekd/decoding.py) on demo records: one
+    result for greedy decoding (`seeds` None), else one per seed, sampled at temperature 1. Every
+    prompt is scored (none dropped for length), in the alpaca template of training."""
+    if seeds is not None and not seeds:
+        return []
+    data = EvalData([InstructionRecord(r["instruction"], r.get("input", ""), (r["output"],)) for r in records],
+                    "demo", "demo records")
+    settings = EvalSettings(greedy=seeds is None, seeds=tuple(seeds or ()), max_new_tokens=max_new_tokens,
+                            max_prompt_tokens=None, batch_size=batch_size, template="alpaca")
+    predictions = predict(forward, tokenizer, data, settings, progress=False)
+    return [_family_summary(records, record_scores(predictions.records, texts)) for texts in predictions.by_run]
+
+
+def _family_summary(records: list[dict], scores: dict[str, list[float]]) -> dict:
     by_family: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"exact_match": [], "rouge_l": []})
-    for record, prediction in zip(records, predictions):
+    for record, em, rouge in zip(records, scores["exact_match_strict"], scores["rouge_l"], strict=True):
         family = by_family[record.get("family", "all")]
-        family["exact_match"].append(exact_match(prediction, record["output"], strict=True))
-        family["rouge_l"].append(rouge_l(prediction, record["output"]))
-    every = {metric: [v for scores in by_family.values() for v in scores[metric]]
+        family["exact_match"].append(em)
+        family["rouge_l"].append(rouge)
+    every = {metric: [v for family in by_family.values() for v in family[metric]]
              for metric in ("exact_match", "rouge_l")}
     return {
         "exact_match": _mean(every["exact_match"]),

@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import write_text
 from ds_moekd.data.formats import FORMATS, load_eval_data
+from ds_moekd.decoding import HFForward
 from ds_moekd.device import DTYPE_NAMES, PRECISION_DTYPES, PRECISIONS, bind_device, resolve_precision
 from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
 from ds_moekd.errors import UserError
@@ -157,9 +158,9 @@ def main(argv=None) -> dict:
         num_experts = model.family.router_spec(model.config).num_experts if backend == "moe" else None
         routing, routing_settings = routing_policy(args, num_experts)
     world_group = dist.group.WORLD if info.world_size > 1 else None
-    results = evaluate(model, tokenizer, data, settings, rank=info.rank, world_size=info.world_size,
-                       world_group=world_group, lockstep_group=groups.ep_group,
-                       routing=routing if backend == "moe" else None)
+    forward = model.decoding_forward(routing) if backend == "moe" else HFForward(model)
+    results = evaluate(forward, tokenizer, data, settings, rank=info.rank, world_size=info.world_size,
+                       world_group=world_group)
     results["settings"]["routing"] = routing_settings
     if moe:
         if backend == "hf":  # the diagnostics read the MoETeacher's gates (every family's router)

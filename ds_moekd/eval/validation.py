@@ -1,12 +1,12 @@
 """Validation during training: score the student every N steps and keep the best checkpoint.
 
 The student is partitioned by ZeRO-3, so generation needs every rank. Two ways (`validation.generation`):
-  gather  (default) every rank gathers the full weights once (GatheredParameters) into a plain
+  gather  (default) every rank gathers the full weights once (student/zero3.py) into a plain
           replica of the model and decodes its share of the prompts on its own: no collective
           per token, so it is far faster; costs one full copy of the student per rank.
-  synced  decode with the partitioned engine module itself (`synced_gpus=True`): every new token
-          gathers the parameters layer by layer and all ranks step together; for students too
-          large to hold whole.
+  synced  decode with the partitioned engine module itself: every new token gathers the
+          parameters layer by layer and all ranks step in lockstep (ds_moekd/decoding.py); for
+          students too large to hold whole.
 Prompts are sharded round-robin and decoding is counter-based (eval/runner.py), so a score does
 not depend on the number of ranks. Rank 0 appends each score to `validation.jsonl`; when the
 chosen metric improves, the student is written as a Hugging Face model to `best_student_hf/`
@@ -20,7 +20,6 @@ import json
 import time
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
@@ -28,9 +27,11 @@ from transformers import AutoModelForCausalLM
 from ds_moekd.assets import resolve_path
 from ds_moekd.atomic import replace_dir
 from ds_moekd.data.formats import EvalData, load_eval_data
+from ds_moekd.decoding import HFForward
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.eval.runner import EvalSettings, evaluate
 from ds_moekd.student.lora import is_lora, merged_model
+from ds_moekd.student.zero3 import gathered_parameters
 
 BEST_DIR = "best_student_hf"
 
@@ -71,17 +72,16 @@ class Validator:
     def run(self, engine, step: int) -> dict:
         """Score the student now (every rank calls this); returns the record logged to validation.jsonl."""
         start = time.perf_counter()
-        params = list(engine.module.parameters())
-        zero3 = hasattr(params[0], "ds_id")
         if self.cfg.generation == "gather":
-            model, lockstep = self._gathered_replica(engine, zero3), None
+            model = self._gathered_replica(engine)
+            forward = HFForward(model)
         else:
-            model, lockstep = engine.module, self.groups.world_group
+            model = engine.module
+            forward = HFForward(model, lockstep_group=self.groups.world_group)
         was_training = model.training
         model.eval()
-        result = evaluate(model, self.tokenizer, self.data, self.settings, rank=self.groups.rank,
-                          world_size=self.groups.world_size, world_group=self.groups.world_group,
-                          lockstep_group=lockstep, progress=False)
+        result = evaluate(forward, self.tokenizer, self.data, self.settings, rank=self.groups.rank,
+                          world_size=self.groups.world_size, world_group=self.groups.world_group, progress=False)
         model.train(was_training)
         score = result[self.cfg.metric]["mean"]
         improved = self.best is None or score > self.best
@@ -93,25 +93,24 @@ class Validator:
         if improved:
             self.best = score
             if self.cfg.keep_best:
-                self._save_best(engine, zero3, record)
+                self._save_best(engine, record)
         if self.groups.rank == 0:
             with (self.run_dir / "validation.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
 
-    def _gathered_replica(self, engine, zero3: bool):
+    def _gathered_replica(self, engine):
         """A plain copy of the student with the current full weights (all ranks call: the gather is collective)."""
         device = next(engine.module.parameters()).device
-        params = list(engine.module.parameters())
         if is_lora(engine.module):  # a plain model with the adapters merged in (student/lora.py)
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+            with gathered_parameters(engine.module):
                 state = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
             self._replica = merged_model(engine.module, state, self._dtype(engine)).to(device)
             return self._replica
         if self._replica is None:
             with torch.device(device):  # on the student's device, no CPU copy first
                 self._replica = AutoModelForCausalLM.from_config(engine.module.config, dtype=self._dtype(engine))
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+        with gathered_parameters(engine.module):
             self._replica.load_state_dict(engine.module.state_dict())
         return self._replica
 
@@ -119,11 +118,11 @@ class Validator:
     def _dtype(engine):
         return next(engine.module.parameters()).dtype
 
-    def _save_best(self, engine, zero3: bool, record: dict) -> None:
+    def _save_best(self, engine, record: dict) -> None:
         if self.cfg.generation == "gather":
             model = self._replica  # already holds the full weights just scored
         else:
-            model = self._gathered_replica(engine, zero3)
+            model = self._gathered_replica(engine)
             self._replica = None  # synced mode keeps no copy between validations
         if self.groups.rank == 0:
             model.config.use_cache = True

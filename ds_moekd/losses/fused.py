@@ -1,6 +1,6 @@
 """Student-side fused `lm_head` + loss: the `[tokens, vocab]` logits never exist in full.
 
-`FusedLossHead` is a weightless module attached to the student (as `kd_head`) before
+`FusedLossHead` is a weightless module attached to the student (as `loss_head`) before
 `deepspeed.initialize`. It scores the student's final hidden states through `lm_head`'s weight,
 which it registers as a ZeRO-3 *external parameter*: DeepSpeed then gathers the partitioned weight
 for the head's forward and again for its backward, and the weight's gradient reaches the parameter
@@ -15,6 +15,7 @@ from torch import nn
 
 from ds_moekd.kernels import lm_head_loss
 from ds_moekd.losses.objective import LossTerms
+from ds_moekd.student.zero3 import register_external_weight
 
 
 class FusedLossHead(nn.Module):
@@ -23,9 +24,7 @@ class FusedLossHead(nn.Module):
         # a tuple, not a submodule: the student's state dict (and its HF export) stay unchanged
         self._lm_head = (lm_head,)
         self.vocab, self.terms, self.chunk, self.backend = vocab, terms, chunk, backend
-        from deepspeed.runtime.zero import register_external_parameter
-
-        register_external_parameter(self, lm_head.weight)
+        register_external_weight(self, lm_head.weight)  # ZeRO-3 gathers it for this head's forward and backward
 
     def forward(
         self,
@@ -56,9 +55,17 @@ class FusedLossHead(nn.Module):
         return loss, parts
 
 
+HEAD_NAME = "loss_head"
+
+
 def attach_fused_loss_head(model: nn.Module, **kwargs) -> FusedLossHead:
-    """Add the head to `model` (as `kd_head`) so a ZeRO-3 engine built on `model` hooks it; call before
+    """Add the head to `model` (as `loss_head`) so a ZeRO-3 engine built on `model` hooks it; call before
     `deepspeed.initialize`. kwargs: vocab, terms, chunk (tokens per chunk, 0: auto), backend."""
     head = FusedLossHead(model.get_output_embeddings(), **kwargs)
-    model.add_module("kd_head", head)
+    model.add_module(HEAD_NAME, head)
     return head
+
+
+def fused_loss_head(model: nn.Module) -> FusedLossHead | None:
+    """The head `attach_fused_loss_head` added to `model`, or None (the loss then runs on full logits)."""
+    return getattr(model, HEAD_NAME, None)

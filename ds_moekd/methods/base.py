@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,9 @@ from ds_moekd.dist import ParallelGroups
 from ds_moekd.losses import LossTerms
 from ds_moekd.routing import RoutingPolicy
 from ds_moekd.telemetry import Stopwatch
+
+if TYPE_CHECKING:  # methods read the config; only config validation imports the methods (registry.py)
+    from ds_moekd.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,38 @@ class StepContext:
 
 
 class Method:
-    """Defaults: dataset responses, native teacher routing, one draw, nothing before the student step,
-    no state of its own."""
+    """A method is its phases (below) and its facts: the class attributes and class methods that
+    config validation, `plan`, `train`, `compare` and the bench ask (docs/methods.md, "Adding a
+    method"). The defaults: dataset responses, the teacher's native routing, one draw, nothing before
+    the student step, no state of its own."""
 
     name: str
-    needs_teacher: bool = True
-    terms: LossTerms
+    needs_teacher: bool = True  # False: no teacher is loaded (and teacher.path is not required)
+    on_policy: bool = False  # responses are the student's own rollouts (gkd.* sampling settings apply)
+    supports_lora: bool = True  # a peft LoRA student can train with it
+    supports_packing: bool = True  # data.packing can pack its responses
+    trains_teacher_routers: bool = False  # updates the teacher's routers (exported as a tuned teacher)
+    sections: tuple[str, ...] = ()  # the method's own config sections (beyond data, optim, loss, ...)
+    terms: LossTerms  # the loss, built from the config
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        self.terms = self.loss_terms(cfg)
+        self.routing = self.teacher_routing(cfg)
+        self.draws = self.teacher_draws(cfg)
+
+    @classmethod
+    def loss_terms(cls, cfg: RunConfig) -> LossTerms:
+        raise NotImplementedError
+
+    @classmethod
+    def teacher_routing(cls, cfg: RunConfig) -> RoutingPolicy | None:
+        """The teacher's routing policy (None: the family's native top-k), before it is keyed by step."""
+        return None
+
+    @classmethod
+    def teacher_draws(cls, cfg: RunConfig) -> int:
+        """Teacher draws stacked into one batched forward per micro-batch (KA's M)."""
+        return 1
 
     def responses(self, batch: Batch, ctx: StepContext) -> Batch:
         return batch
@@ -60,7 +90,7 @@ class Method:
         pass
 
     def teacher_targets(self, step: int) -> TeacherTargets:
-        return TeacherTargets()
+        return TeacherTargets(None if self.routing is None else self.routing.at_step(step), self.draws)
 
     def state_dict(self) -> dict:
         return {}

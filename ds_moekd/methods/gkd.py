@@ -12,31 +12,36 @@ from __future__ import annotations
 
 import torch
 
-from ds_moekd.config import GKDConfig, RunConfig
 from ds_moekd.data.batching import Batch, TokenizedExample, collate
+from ds_moekd.decoding import decode
 from ds_moekd.losses import LossTerms
-from ds_moekd.methods.base import Method, StepContext, TeacherTargets
+from ds_moekd.methods.base import Method, StepContext
 from ds_moekd.rng import MIXING_SLOT, CounterKey, Sampling, counter_uniform
 from ds_moekd.routing import AllExperts
-from ds_moekd.student.rollout import RolloutSettings, sample_responses, student_rollout
+from ds_moekd.student.rollout import RolloutSettings, student_rollout
 
 DIVERGENCE_NAMES = {"reverse_kl": "rkl", "forward_kl": "kl", "jsd": "jsd"}  # metrics.jsonl keys
-
-
-def on_policy_terms(cfg: GKDConfig) -> LossTerms:
-    return LossTerms(ce_weight=cfg.ce_weight, divergence=cfg.divergence, div_weight=1.0, beta=cfg.beta,
-                     div_name=DIVERGENCE_NAMES[cfg.divergence])
 
 
 class OnPolicyDistillation(Method):
     """`gkd`; subclasses change the teacher's targets (`all`, `ka`) or add a router step (`sar`)."""
 
     name = "gkd"
+    on_policy = True
+    supports_lora = False  # rollouts decode with the plain student module (docs/rollouts.md)
+    supports_packing = False  # responses are sampled per example, after the data is batched
+    sections = ("gkd",)
 
-    def __init__(self, cfg: RunConfig, tokenizer):
+    @classmethod
+    def loss_terms(cls, cfg) -> LossTerms:
+        gkd = cfg.gkd
+        return LossTerms(ce_weight=gkd.ce_weight, divergence=gkd.divergence, div_weight=1.0, beta=gkd.beta,
+                         temperature=cfg.loss.temperature, div_name=DIVERGENCE_NAMES[gkd.divergence])
+
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
         self.cfg = cfg.gkd
         self.seed = cfg.train.seed
-        self.terms = on_policy_terms(cfg.gkd)
         self.rollout = RolloutSettings(
             max_new_tokens=cfg.gkd.max_new_tokens,
             sampling=Sampling(temperature=cfg.gkd.temperature, top_k=cfg.gkd.top_k, top_p=cfg.gkd.top_p),
@@ -65,8 +70,8 @@ class OnPolicyDistillation(Method):
         if self.cfg.seq_kd:
             rest = [i for i, flag in enumerate(on_policy) if not flag]
             with ctx.watch.time("teacher_generate_s"):
-                generated = sample_responses(ctx.teacher, [prompts[i] for i in rest], [ids[i] for i in rest],
-                                             self.rollout, ctx.step)
+                generated = decode(ctx.teacher.decoding_forward(), [prompts[i] for i in rest],
+                                   [ids[i] for i in rest], self.rollout.decoding(ctx.step))
             for i, response in zip(rest, generated, strict=True):
                 responses[i] = response
         ctx.metrics["on_policy_examples"] = ctx.metrics.get("on_policy_examples", 0) + len(rows)
@@ -80,5 +85,6 @@ class AllExpertsDistillation(OnPolicyDistillation):
 
     name = "all"
 
-    def teacher_targets(self, step: int) -> TeacherTargets:
-        return TeacherTargets(routing=AllExperts())
+    @classmethod
+    def teacher_routing(cls, cfg) -> AllExperts:
+        return AllExperts()

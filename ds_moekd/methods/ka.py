@@ -11,20 +11,19 @@ so no two steps reuse a draw and micro-batching or the number of ranks never cha
 
 from __future__ import annotations
 
-from ds_moekd.config import RunConfig
-from ds_moekd.methods.base import TeacherTargets
 from ds_moekd.methods.gkd import OnPolicyDistillation
 from ds_moekd.routing import KASample
 
 
 class KnowledgeAugmentation(OnPolicyDistillation):
     name = "ka"
+    sections = ("gkd", "ka")
 
-    def __init__(self, cfg: RunConfig, tokenizer):
-        super().__init__(cfg, tokenizer)
-        self.policy = KASample(resample_prob=cfg.ka.resample_prob, num_selected=cfg.ka.num_selected or None,
-                               seed=cfg.train.seed)
-        self.draws = cfg.ka.draws
+    @classmethod
+    def teacher_routing(cls, cfg) -> KASample:
+        return KASample(resample_prob=cfg.ka.resample_prob, num_selected=cfg.ka.num_selected or None,
+                        seed=cfg.train.seed)
 
-    def teacher_targets(self, step: int) -> TeacherTargets:
-        return TeacherTargets(routing=self.policy.at_step(step), draws=self.draws)
+    @classmethod
+    def teacher_draws(cls, cfg) -> int:
+        return cfg.ka.draws

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import deepspeed
 import torch
 
 from ds_moekd.assets import resolve_path
-from ds_moekd.config import RunConfig
 from ds_moekd.data.batching import Batch
 from ds_moekd.losses import global_token_count
-from ds_moekd.methods.base import StepContext, TeacherTargets
+from ds_moekd.methods.base import StepContext
 from ds_moekd.methods.gkd import OnPolicyDistillation
 from ds_moekd.routing import AllExperts
-from ds_moekd.student.rollout import partitioned_parameters
+from ds_moekd.student.zero3 import gathered_head_weight
 from ds_moekd.teacher.router_training import RouterTrainer, balance_loss, teacher_side_kl
 
 EXPORT_DIR = "sar_teacher_hf"
@@ -32,26 +30,25 @@ EXPORT_DIR = "sar_teacher_hf"
 
 class StudentAwareRouter(OnPolicyDistillation):
     name = "sar"
+    trains_teacher_routers = True
+    sections = ("gkd", "sar")
 
-    def __init__(self, cfg: RunConfig, tokenizer):
+    def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
         self.sar = cfg.sar
         self.teacher_path = cfg.teacher.path
         self.trainer: RouterTrainer | None = None  # built on first use: it needs the loaded teacher
         self._resumed_state: dict | None = None  # router state from a checkpoint, applied when built
 
-    def teacher_targets(self, step: int) -> TeacherTargets:
-        return TeacherTargets(routing=AllExperts())
+    @classmethod
+    def teacher_routing(cls, cfg) -> AllExperts:
+        return AllExperts()
 
     def _trainer(self, teacher, groups) -> RouterTrainer:
         if self.trainer is None:
             self.trainer = RouterTrainer(teacher.router_parameters(), lr=self.sar.router_lr,
                                          weight_decay=self.sar.router_weight_decay,
                                          grad_clip=self.sar.router_grad_clip, dp_group=groups.dp_group)
-            if self.sar.activation_checkpointing:
-                # train mode only. A recomputed EP layer runs collectives, so every rank recomputes whole
-                # layers: torch's early stop would end where this rank's saved tensors do.
-                teacher.model.gradient_checkpointing_enable({"use_reentrant": False, "early_stop": False})
             if self._resumed_state is not None:
                 self.trainer.load_state_dict(self._resumed_state)
         return self.trainer
@@ -69,12 +66,8 @@ class StudentAwareRouter(OnPolicyDistillation):
             out = engine.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 output_hidden_states=True, logits_to_keep=batch.no_logits())
             student_NH = batch.response_rows(out.hidden_states[-1])
-            head = engine.module.get_output_embeddings().weight
-            # a persistent head is whole already, and leaving the context would partition it (rollout.py)
-            with deepspeed.zero.GatheredParameters([head], enabled=bool(partitioned_parameters([head]))):
-                student_head_VH = head[: ctx.vocab].detach().clone()
-        teacher.train()
-        try:
+            student_head_VH = gathered_head_weight(engine.module, ctx.vocab)
+        with teacher.router_training(self.sar.activation_checkpointing):
             out = teacher(batch.input_ids, attention_mask=batch.attention_mask, routing=AllExperts(),
                           sequence_index=batch.example_ids, output_hidden_states=True,
                           logits_to_keep=batch.no_logits(), return_router_importance=True,
@@ -85,8 +78,6 @@ class StudentAwareRouter(OnPolicyDistillation):
                                  student_head_VH.to(teacher_NH.dtype), ctx.chunk) / tokens
             balance = balance_loss(out.router_importance, groups.dp_group)
             (kl + self.sar.balance_weight * balance).backward()
-        finally:
-            teacher.eval()
         grad_norm = trainer.step()
         # shares of the global values: summed over ranks by the step's metrics record
         for key, value in (("router_kl", kl.item()), ("router_balance", balance.item() / groups.dp_size),

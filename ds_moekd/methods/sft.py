@@ -9,4 +9,7 @@ from ds_moekd.methods.base import Method
 class SupervisedFineTuning(Method):
     name = "sft"
     needs_teacher = False
-    terms = LossTerms(ce_weight=1.0)
+
+    @classmethod
+    def loss_terms(cls, cfg) -> LossTerms:
+        return LossTerms(ce_weight=1.0)

@@ -14,8 +14,8 @@ from ds_moekd.config import RunConfig
 from ds_moekd.device import PRECISION_DTYPES, default_deepspeed_config
 from ds_moekd.dist import init_distributed
 from ds_moekd.student.lora import apply_lora
-from ds_moekd.student.persistent_gather import coalesce_persistent_gather
 from ds_moekd.student.schedule import lr_factor
+from ds_moekd.student.zero3 import coalesce_persistent_gather, fetch_whole_layers
 from ds_moekd.telemetry import log
 
 REPO_DIR = Path(__file__).resolve().parents[2]  # ds_configs/ sits beside the package in a checkout
@@ -106,19 +106,6 @@ def build_student_engine(model_path: Path, cfg: RunConfig, world_size: int, prep
     )
     coalesce_persistent_gather(engine.optimizer)  # one exchange per step for the small parameters
     return engine
-
-
-def fetch_whole_layers(model) -> None:
-    """Make ZeRO-3 fetch, release and hook each decoder layer as one unit (DeepSpeed's "leaf
-    modules"), as FSDP wraps per layer, rather than each of its ~10 submodules. Every hooked module
-    costs Python work in the forward and the backward; on the demo's 2-layer student that was a
-    third of the student step (docs/scale-out.md). The layer classes are the model's
-    `_no_split_modules`, the unit transformers keeps whole on one device."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    layer_classes = list(getattr(model, "_no_split_modules", None) or [])
-    if layer_classes:
-        set_z3_leaf_modules(model, layer_classes, raise_if_not_found=False)
 
 
 def _load_student(model_path: Path, ds_config: dict, dtype: torch.dtype):

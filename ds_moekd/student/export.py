@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import deepspeed
 import torch.distributed as dist
 
 from ds_moekd.atomic import replace_dir
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.student.lora import is_lora, save_lora_student
+from ds_moekd.student.zero3 import gathered_parameters
 
 
 def export_hf(engine, tokenizer, out_dir: Path, groups: ParallelGroups, generation_config=None,
@@ -17,9 +17,7 @@ def export_hf(engine, tokenizer, out_dir: Path, groups: ParallelGroups, generati
     """Gather the ZeRO-3 partitions and save a loadable HF model dir on rank 0 (all ranks call); a LoRA
     student writes its adapters, or with `merge_lora` the merged model (student/lora.py)."""
     model = engine.module
-    params = list(model.parameters())
-    # GatheredParameters is collective: every rank enters; rank 0 copies the full tensors out.
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+    with gathered_parameters(model):  # collective: every rank enters; rank 0 copies the full tensors out
         state = {k: v.detach().clone().cpu() for k, v in model.state_dict().items()} if groups.rank == 0 else None
     if groups.rank == 0:
         model.config.use_cache = True

@@ -11,21 +11,29 @@ skeleton needs are. FP8 block-scaled tensors are dequantised as they are read (l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    DynamicCache,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from ds_moekd.dist import ParallelGroups
 from ds_moekd.routing import NativeTopK, RouterSpec, RoutingPolicy
+from ds_moekd.student.zero3 import torch_linear
 from ds_moekd.teacher.families import Family, check_activation, get_family
 from ds_moekd.teacher.loading import CheckpointReader, find_block_prefix, read_local_experts
 from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
 from ds_moekd.teacher.routers import make_router
-from ds_moekd.zero3_linear import torch_linear
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,7 @@ class MoETeacher(nn.Module):
         self._moe_blocks = tuple(moe_blocks)
         self.bytes_read = bytes_read  # everything this rank read from the checkpoint
         self.expert_bytes_read = expert_bytes_read  # the expert weights among them
+        self._recomputes_layers = False  # router_training switched activation checkpointing on
 
     @classmethod
     def from_pretrained(
@@ -206,6 +215,22 @@ class MoETeacher(nn.Module):
             if name != "e_score_correction_bias"
         }
 
+    @contextlib.contextmanager
+    def router_training(self, activation_checkpointing: bool):
+        """Train mode for a router step (noisy gates add their noise), eval mode again afterwards
+        whatever happens; with `activation_checkpointing` the decoder layers are recomputed in the
+        backward (docs/methods/sar.md)."""
+        if activation_checkpointing and not self._recomputes_layers:
+            # A recomputed EP layer runs collectives, so every rank recomputes whole layers: torch's
+            # early stop would end where this rank's saved tensors do.
+            self.model.gradient_checkpointing_enable({"use_reentrant": False, "early_stop": False})
+            self._recomputes_layers = True
+        self.train()
+        try:
+            yield
+        finally:
+            self.eval()
+
     def forward_draws(
         self,
         input_ids: torch.Tensor,
@@ -213,52 +238,40 @@ class MoETeacher(nn.Module):
         routing: RoutingPolicy,
         num_draws: int,
         sequence_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits `[M, B, S, V]` of `num_draws` independent routing draws, as one batched forward."""
+        *,
+        position_ids: torch.Tensor | None = None,
+        fused_head: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`num_draws` independent routing draws of the batch as ONE batched forward (what training's
+        teacher step and `ds-moekd bench ka` run): the batch stacked M times, row m·B + b keyed by
+        draw index m and `sequence_index[b]` (default 0..B-1).
+
+        Returns logits `[M, B, S, V]`; with `fused_head` the lm_head is skipped and it returns (final
+        hidden states `[M, B, S, H]`, lm_head weight `[V, H]`), for losses that form the logits one
+        token chunk at a time (kernels/divergence.py). Packed batches pass `position_ids` (and no mask).
+        """
         batch = input_ids.shape[0]
-        sequences = (
-            sequence_index if sequence_index is not None else torch.arange(batch, device=input_ids.device)
-        )
-        logits = self(
+        device = input_ids.device
+        sequences = sequence_index if sequence_index is not None else torch.arange(batch, device=device)
+        out = self(
             input_ids.repeat(num_draws, 1),
             attention_mask=None if attention_mask is None else attention_mask.repeat(num_draws, 1),
+            position_ids=None if position_ids is None else position_ids.repeat(num_draws, 1),
             routing=routing,
             sequence_index=sequences.repeat(num_draws),
-            draw_index=torch.arange(num_draws, device=input_ids.device).repeat_interleave(batch),
-        ).logits
-        return logits.view(num_draws, batch, *logits.shape[1:])
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        seed: int = 0,
-        routing: RoutingPolicy | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int | None = None,
-        sequence_index: torch.Tensor | None = None,
-        vocab_limit: int | None = None,
-    ) -> torch.Tensor:
-        """Prompt plus new tokens `[B, S + n]` (left-padded prompts), decoded with a KV cache, every
-        rank of the EP group stepping together (ds_moekd/decoding.py). `vocab_limit` (the tokenizer's
-        length) keeps padded lm_head rows (Qwen, DeepSeek) from ever being chosen."""
-        from ds_moekd.decoding import decode_ids
-        from ds_moekd.rng import Sampling
-
-        if pad_token_id is None:
-            pad_token_id = eos_token_id if eos_token_id is not None else 0
-        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        new_tokens = decode_ids(
-            self, input_ids, mask, max_new_tokens=max_new_tokens,
-            sampling=Sampling(temperature=temperature) if do_sample else None, seed=seed, keys_B=sequence_index,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_limit=vocab_limit,
-            lockstep_group=self.groups.ep_group, routing=routing,
+            draw_index=torch.arange(num_draws, device=device).repeat_interleave(batch),
+            output_hidden_states=fused_head,
+            # no positions: transformers skips the lm_head
+            logits_to_keep=torch.empty(0, dtype=torch.long, device=device) if fused_head else 0,
         )
-        return torch.cat([input_ids, new_tokens], dim=1)
+        if fused_head:
+            return out.last_hidden_state.unflatten(0, (num_draws, batch)), self.get_output_embeddings().weight
+        return out.logits.unflatten(0, (num_draws, batch))
+
+    def decoding_forward(self, routing: RoutingPolicy | None = None) -> TeacherDecodingForward:
+        """This teacher under `routing` (None: native top-k) as the decoder's forward
+        (ds_moekd/decoding.py): every rank of the EP group decodes in lockstep."""
+        return TeacherDecodingForward(self, routing)
 
     def get_output_embeddings(self) -> torch.nn.Module:
         """The lm_head (replicated on every rank)."""
@@ -294,6 +307,23 @@ class MoETeacher(nn.Module):
         return sum(
             t.numel() * t.element_size() for b in self._moe_blocks for t in (b.w_gate_up_EHJ, b.w_down_EIH)
         )
+
+
+class TeacherDecodingForward:
+    """One decoding forward of the teacher (the decoder's `Forward`, ds_moekd/decoding.py): the last
+    position's logits and the KV cache. Its MoE layers exchange tokens over the EP group, so that
+    group decodes in lockstep; each row's routing draws are keyed by its example key."""
+
+    def __init__(self, teacher: MoETeacher, routing: RoutingPolicy | None):
+        self.teacher, self.routing = teacher, routing
+        self.device = next(teacher.parameters()).device
+        self.lockstep_group = teacher.groups.ep_group
+
+    def __call__(self, input_ids_BS, attention_mask_BS, position_ids_BS, keys_B, cache):
+        cache = DynamicCache(config=self.teacher.config) if cache is None else cache
+        out = self.teacher(input_ids_BS, attention_mask_BS, position_ids_BS, routing=self.routing,
+                           sequence_index=keys_B, cache=cache, logits_to_keep=1)
+        return out.logits[:, -1], cache
 
 
 def _read_config(path: str) -> tuple[Family, PretrainedConfig, tuple[int, int]]:

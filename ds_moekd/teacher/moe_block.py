@@ -5,9 +5,11 @@ rank's experts. transformers' decoder layer calls `mlp(hidden_states)` with noth
 routing policy and per-token keys of the current forward are set on the block by
 `MoETeacher.forward` (`active`) rather than passed as arguments.
 
-Dispatch: a policy choosing more than half of the experts per token (ALL, KA with K = N-1, SAR)
-runs the dense all-gather/reduce-scatter path; fewer (native top-k), the sparse path: an
-all-to-all, or for small payloads with EP <= K a gathered all-gather/reduce-scatter (dispatch.py).
+Dispatch (`takes_dense_path`, the one dense/sparse rule): a policy choosing more than half of the
+experts per token (ALL, KA with K = N-1, SAR) runs the dense all-gather/reduce-scatter path;
+at most half (native top-k), the sparse path: an all-to-all, or for small payloads with EP <= K a
+gathered all-gather/reduce-scatter (dispatch.py). Training and `ds-moekd bench moe-layer|teacher|ka`
+run this block.
 
 Only real tokens are routed: padding positions feed no real token (attention masks them as keys,
 and their own outputs are never read), so their router, expert and exchange work is skipped and
@@ -26,7 +28,7 @@ from ds_moekd.dist import ParallelGroups
 from ds_moekd.kernels import dense_experts, grouped_experts
 from ds_moekd.rng import NOISE_SLOT_BASE, CounterKey, counter_normal
 from ds_moekd.routing import RouterSpec, RoutingContext, RoutingPolicy
-from ds_moekd.teacher.dense_dispatch import dispatch_dense, ep_max_tokens
+from ds_moekd.teacher.dense_dispatch import dispatch_dense, ep_max_tokens, takes_dense_path
 from ds_moekd.teacher.diagnostics import GateDiagnostics, gate_diagnostics
 from ds_moekd.teacher.dispatch import dispatch_sparse, gathered_fits
 
@@ -115,7 +117,7 @@ class ExpertParallelMoE(nn.Module):
             active.diagnostics.append(gate_diagnostics(self.layer_index, logits_TN, router, expert_ids_TK))
         if self.groups.ep_size > 1 and active.ep_max_tokens is None:
             active.ep_max_tokens = ep_max_tokens(x_TH.shape[0], self.groups.ep_group, x_TH.device)
-        if 2 * expert_ids_TK.shape[1] > router.num_experts:
+        if takes_dense_path(expert_ids_TK.shape[1], router.num_experts):
             self._log_path("dense all-gather/reduce-scatter")
             gate_weights_TN = torch.zeros_like(logits_TN, dtype=weights_TK.dtype).scatter(
                 1, expert_ids_TK, weights_TK

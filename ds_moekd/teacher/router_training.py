@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ds_moekd.dist import all_reduce_sum
-from ds_moekd.kernels.divergence import auto_token_chunk
+from ds_moekd.kernels import lm_head_divergence
 
 
 class RouterTrainer:
@@ -75,24 +73,13 @@ class RouterTrainer:
         self._copy_masters_to_model()
 
 
-def _chunk_teacher_kl(teacher_nH, teacher_head_VH, student_nH, student_head_VH) -> torch.Tensor:
-    log_p = F.log_softmax((teacher_nH @ teacher_head_VH.t()).float(), dim=-1)
-    with torch.no_grad():
-        log_q = F.log_softmax((student_nH @ student_head_VH.t()).float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum()
-
-
 def teacher_side_kl(teacher_NH, teacher_head_VH, student_NH, student_head_VH, chunk: int = 0) -> torch.Tensor:
-    """Σ_tokens KL(p‖q), differentiable in the teacher's hidden states only. Token chunks are
-    recomputed in the backward, so no `[N, V]` logits are kept."""
-    tokens, hidden = teacher_NH.shape
-    chunk = chunk or auto_token_chunk(tokens, teacher_head_VH.shape[0], hidden)
-    total = teacher_NH.new_zeros((), dtype=torch.float32)
-    for start in range(0, tokens, chunk):
-        rows = slice(start, start + chunk)
-        total = total + checkpoint(_chunk_teacher_kl, teacher_NH[rows], teacher_head_VH, student_NH[rows],
-                                   student_head_VH, use_reentrant=False)
-    return total
+    """Σ_tokens KL(p‖q), p the teacher's and q the fixed student's distribution, differentiable in the
+    teacher's hidden states only: the project's chunked fused lm_head divergence (kernels/divergence.py)
+    with the teacher on its differentiable side, where reverse_kl KL(softmax(own)‖other) is KL(p‖q).
+    No `[N, V]` logits are kept; the teacher's lm_head, frozen, gets no gradient."""
+    return lm_head_divergence(teacher_NH, teacher_head_VH, (student_NH, student_head_VH), kind="reverse_kl",
+                              chunk=chunk)
 
 
 class _SumOverRanks(torch.autograd.Function):

@@ -10,7 +10,6 @@ Tokens arrive already grouped by expert: rows of expert e follow those of expert
 Entry points (backend "auto" | torch | triton | torch_grouped_mm | megablocks, see dispatch.py):
   grouped_experts   sparse path on rows grouped by expert (what the EP block calls)
   dense_experts     dense all-expert path with per-token gate weights (ALL / SAR / KA)
-  moe_experts       routing (ids, weights) in, output out: permute → grouped → un-permute, or dense
   lm_head_divergence  chunked fused lm_head + forward KL / reverse KL / generalised JSD
   lm_head_loss        the same plus cross-entropy on the targets, weighted, in one pass (training)
   divergence        the same divergences on logits already formed
@@ -25,7 +24,6 @@ from .dispatch import (
     grouped_experts,
     lm_head_divergence,
     lm_head_loss,
-    moe_experts,
     unavailable_reason,
 )
 from .reference import dense_swiglu_reference, grouped_swiglu_reference
@@ -41,6 +39,5 @@ __all__ = [
     "grouped_swiglu_reference",
     "lm_head_divergence",
     "lm_head_loss",
-    "moe_experts",
     "unavailable_reason",
 ]

@@ -17,7 +17,6 @@ from triton.compiler import ASTSource
 
 from .triton_divergence import KIND_CODES, divergence_rows_kernel
 from .triton_grouped_gemm import grouped_matmul_kernel
-from .triton_permute import combine_rows_kernel, gather_rows_kernel
 from .triton_swiglu import swiglu_scale_backward_kernel, swiglu_scale_kernel
 
 
@@ -65,24 +64,6 @@ def kernel_specs(dtype: str = "bf16") -> dict[str, tuple]:
             },
             num_warps=8,
         )
-    specs["gather_rows"] = _spec(
-        gather_rows_kernel,
-        {"x_ptr": p, "index_ptr": "*i64", "out_ptr": p, "H": "i32", "stride_x": "i32", "stride_out": "i32"},
-        {"BLOCK_H": 1024},
-    )
-    specs["combine_rows"] = _spec(
-        combine_rows_kernel,
-        {
-            "y_ptr": p,
-            "row_of_slot_ptr": "*i64",
-            "weight_ptr": p,
-            "out_ptr": p,
-            "H": "i32",
-            "stride_y": "i32",
-            "stride_out": "i32",
-        },
-        {"K": 4, "BLOCK_H": 1024},
-    )
     dense = {"gu_ptr": p, "g_ptr": p, "T": "i32", "E": "i32", "I": "i32"}
     specs["swiglu_scale"] = _spec(swiglu_scale_kernel, {**dense, "a_ptr": p}, {"BLOCK_I": 1024})
     specs["swiglu_scale_backward"] = _spec(

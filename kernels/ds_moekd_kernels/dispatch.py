@@ -2,8 +2,9 @@
 
 Backends: `torch` (plain torch; the CPU default and the reference), `triton` (our kernels; on CPU
 only under TRITON_INTERPRET=1), `torch_grouped_mm` (`grouped_mm` where torch and the GPU support it),
-`megablocks` (the `gpu` extra). "auto" picks by device and dtype; `moe_experts` also picks the path
-by routing density (dense all-expert GEMMs once a token uses at least DENSE_FRACTION of the experts).
+`megablocks` (the `gpu` extra). "auto" picks by device and dtype. Which of the two expert paths runs
+(grouped or dense) is the teacher's MoE block's choice (ds_moekd/teacher/dense_dispatch.py,
+`takes_dense_path`), not this module's.
 Each (operation, backend, device, dtype) is logged once; a forced backend that cannot run raises.
 `configure` sets what "auto" means for the process (the run config's teacher.expert_backend and
 kd.loss_backend); an explicit backend argument still wins.
@@ -20,12 +21,10 @@ import torch
 from . import grouped
 from .dense import dense_swiglu
 from .divergence import fused_lm_head_loss, logits_divergence
-from .permute import permute_tokens, sort_by_expert, unpermute_tokens
 
 logger = logging.getLogger("ds_moekd.kernels")
 
 BACKENDS = ("torch", "triton", "torch_grouped_mm", "megablocks")
-DENSE_FRACTION = 0.5  # an H100 measurement (docs/kernels.md): dense GEMMs beat grouped ones well before k = E
 LOSS_BACKENDS = ("torch", "triton")
 _logged: set[tuple] = set()
 _configured = {"experts": "auto", "loss": "auto"}
@@ -117,24 +116,6 @@ def dense_experts(x_TH, gates_TE, w_gate_up_EHJ, w_down_EIH, *, backend: str = "
     """Drop-in for `dense_swiglu_reference`; the GEMMs are torch's, `triton` fuses the elementwise steps."""
     backend = choose_backend("dense_swiglu", x_TH.device, x_TH.dtype, backend)
     return dense_swiglu(x_TH, gates_TE, w_gate_up_EHJ, w_down_EIH, use_triton=backend == "triton")
-
-
-def moe_experts(x_TH, expert_ids_TK, weights_TK, w_gate_up_EHJ, w_down_EIH, *, backend="auto", path="auto"):
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), all experts local; path: auto | sparse | dense."""
-    num_experts = w_gate_up_EHJ.shape[0]
-    if path == "auto":
-        path = "dense" if expert_ids_TK.shape[1] >= DENSE_FRACTION * num_experts else "sparse"
-    if path == "dense":
-        gates_TE = torch.zeros(x_TH.shape[0], num_experts, device=x_TH.device, dtype=weights_TK.dtype)
-        gates_TE = gates_TE.scatter_add(1, expert_ids_TK, weights_TK)
-        return dense_experts(x_TH, gates_TE, w_gate_up_EHJ, w_down_EIH, backend=backend)
-    if path != "sparse":
-        raise ValueError(f"moe_experts: path {path!r} is not one of auto, sparse, dense")
-    use_triton = choose_backend("permute", x_TH.device, x_TH.dtype, backend) == "triton"
-    perm = sort_by_expert(expert_ids_TK, num_experts)
-    x_RH = permute_tokens(x_TH, perm, use_triton=use_triton)
-    y_RH = grouped_experts(x_RH, perm.tokens_per_expert_E, w_gate_up_EHJ, w_down_EIH, backend=backend)
-    return unpermute_tokens(y_RH, perm, weights_TK, use_triton=use_triton)
 
 
 def _loss_backend(op: str, device, dtype, backend: str) -> str:

@@ -31,8 +31,8 @@ step() {  # step NAME CMD...: run, keep its output, note failures
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$results/device.csv" 2>&1
 if python -c 'import pytest' 2>/dev/null; then
-  step tests python -m pytest -q -p no:cacheprovider -o addopts= tests/test_kernels_gpu.py tests/test_kernels.py \
-    tests/test_device.py
+  step tests python -m pytest -q -p no:cacheprovider -o addopts= tests/kernels/test_kernels_gpu.py tests/kernels/test_kernels.py \
+    tests/runtime/test_device.py
 else
   echo "pytest is not installed here: GPU tests not run" | tee "$results/tests.log"
 fi

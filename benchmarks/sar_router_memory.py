@@ -41,10 +41,10 @@ def measure(teacher_path: str, checkpointing: bool, batch: int, seq: int) -> dic
     from ds_moekd.bench.timing import cpu_peak_bytes
     from ds_moekd.config import DataConfig, RunConfig, SARConfig, StudentConfig, TeacherConfig
     from ds_moekd.data.batching import TokenizedExample, collate
-    from ds_moekd.dist import ParallelGroups
     from ds_moekd.methods import StepContext, build_method
+    from ds_moekd.runtime.dist import ParallelGroups
+    from ds_moekd.runtime.telemetry import Stopwatch
     from ds_moekd.teacher import MoETeacher
-    from ds_moekd.telemetry import Stopwatch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     vocab = TEACHER["vocab_size"]

@@ -24,10 +24,10 @@ def measure(tokens: int) -> dict:
     import torch
 
     from ds_moekd.bench.timing import cpu_peak_bytes
-    from ds_moekd.dist import ParallelGroups
-    from ds_moekd.routing import AllExperts, RouterSpec
+    from ds_moekd.runtime.dist import ParallelGroups
     from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
     from ds_moekd.teacher.routers import LinearRouter
+    from ds_moekd.teacher.routing import AllExperts, RouterSpec
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """`ds-moekd` command line: train, demo build, eval, report, compare, bench, convert.
 
-Every command runs under one top-level handler (ds_moekd/errors.py): a failure prints a short
+Every command runs under one top-level handler (ds_moekd/run/errors.py): a failure prints a short
 message and exits non-zero; `--debug` (anywhere) or DS_MOEKD_DEBUG=1 adds the traceback.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ds_moekd.errors import run_command
+from ds_moekd.run.errors import run_command
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -40,15 +40,15 @@ def _main(argv: list[str]) -> None:
 
         build_main(rest)
     elif args.command == "eval":
-        from ds_moekd.dist import shutdown
         from ds_moekd.eval.cli import main as eval_main
+        from ds_moekd.runtime.dist import shutdown
 
         try:
             eval_main(rest)
         finally:
             shutdown()
     elif args.command == "report":
-        from ds_moekd.compare import main as report_main
+        from ds_moekd.reporting.runs_report import main as report_main
 
         report_main(rest)
     elif args.command == "compare":
@@ -56,7 +56,7 @@ def _main(argv: list[str]) -> None:
 
         compare_main(rest)
     elif args.command == "plan":
-        from ds_moekd.plan import main as plan_main
+        from ds_moekd.planning.plan import main as plan_main
 
         plan_main(rest)
     elif args.command == "bench":
@@ -64,7 +64,7 @@ def _main(argv: list[str]) -> None:
 
         bench_main(rest)
     elif args.command == "convert":
-        from ds_moekd.convert import main as convert_main
+        from ds_moekd.modelfiles.convert import main as convert_main
 
         convert_main(rest)
 

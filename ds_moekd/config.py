@@ -19,11 +19,11 @@ from typing import Any
 
 import yaml
 
-from ds_moekd.errors import ConfigError
 from ds_moekd.methods.registry import METHODS, method_class
+from ds_moekd.run.errors import ConfigError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: follow `precision`
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # ds_moekd/device.py
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # ds_moekd/runtime/device.py
 DIST_BACKENDS = ("auto", "nccl", "gloo")
 LR_SCHEDULES = ("cosine", "linear", "constant")  # ds_moekd/student/schedule.py
 DATA_FORMATS = ("auto", "minillm", "dolly", "self-instruct", "sni", "chat")  # ds_moekd.data.formats
@@ -268,7 +268,7 @@ class TrainConfig:
 @dataclass(frozen=True, kw_only=True)
 class ReportConfig:
     eval_file: str | None = None  # held-out set: teacher, student before/after (default: data.valid_file
-    # unless validation chooses the best checkpoint on it; ds_moekd/heldout.py)
+    # unless validation chooses the best checkpoint on it; ds_moekd/reporting/heldout.py)
     eval_split: str | None = None  # eval_file's split when it is a 🤗 dataset name or saved DatasetDict
     eval_examples: int = 256  # how many of its records (0 = skip)
     max_new_tokens: int = 32
@@ -305,7 +305,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MonitorConfig:
-    """DeepSpeed's own monitors, written beside metrics.jsonl (ds_moekd/monitoring.py); all off by default."""
+    """DeepSpeed's own monitors, written beside metrics.jsonl (ds_moekd/runtime/monitoring.py); all off by default."""
 
     csv: bool = False  # DeepSpeed's csv_monitor: one CSV per metric
     tensorboard: bool = False  # needs the tensorboard package
@@ -526,8 +526,8 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 def check_paths_exist(cfg: RunConfig) -> None:
     """Fail early, naming the field, when an input the run reads is missing."""
-    from ds_moekd.assets import resolve_path
-    from ds_moekd.models import resolve_model
+    from ds_moekd.modelfiles.assets import resolve_path
+    from ds_moekd.modelfiles.locate import resolve_model
 
     fields = {
         "data.train_file": cfg.data.train_file,
@@ -540,7 +540,7 @@ def check_paths_exist(cfg: RunConfig) -> None:
     for field_path, value in fields.items():
         if value is None or (field_path.split(".")[1].endswith("_file") and _is_dataset_name(value)):
             continue
-        try:  # a model may be a Hugging Face id in the local cache (ds_moekd/models.py)
+        try:  # a model may be a Hugging Face id in the local cache (ds_moekd/modelfiles/locate.py)
             exists = (resolve_model if field_path.endswith(".path") else resolve_path)(value).exists()
         except FileNotFoundError as exc:
             raise ConfigError(f"config field {field_path}={value!r}: {exc}") from None

@@ -5,7 +5,7 @@ responses, evaluation and validation (ds_moekd/eval/runner.py) and the demo's sc
 model class: it calls a `Forward`, which a Hugging Face model gets from `HFForward` and the
 expert-parallel teacher from `MoETeacher.decoding_forward(routing)`.
 
-Tokens are drawn by `ds_moekd.rng.sample_tokens`, keyed by (seed, step, the row's example key,
+Tokens are drawn by `ds_moekd.runtime.rng.sample_tokens`, keyed by (seed, step, the row's example key,
 position counting real tokens only), so a row's tokens do not depend on which rows share its
 batch, the padding, the number of ranks or the model wrapper.
 
@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from transformers import DynamicCache
 
-from ds_moekd.rng import Sampling, sample_tokens
+from ds_moekd.runtime.rng import Sampling, sample_tokens
 from ds_moekd.student.zero3 import torch_linear
 
 

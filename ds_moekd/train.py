@@ -21,38 +21,39 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from ds_moekd import checkpoints, kernels, watchdog
-from ds_moekd.assets import resolve_path
+from ds_moekd import kernels
 from ds_moekd.config import RunConfig, check_paths_exist, ignored_sections, load_config, save_config
 from ds_moekd.data.batching import Batch, tokenize_records
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
 from ds_moekd.data.stream import micro_batches_per_epoch, rank_batches
-from ds_moekd.device import rank_device, resolve_precision, teacher_dtype
-from ds_moekd.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
-from ds_moekd.elastic import keep_global_batch
-from ds_moekd.errors import Preempted, peer_failure, run_command
 from ds_moekd.eval.validation import Validator
-from ds_moekd.host import configure_process
-from ds_moekd.launcher_watch import LauncherWatch
 from ds_moekd.losses import backward_scale, global_token_count
 from ds_moekd.losses.fused import attach_fused_loss_head, fused_loss_head
 from ds_moekd.methods import StepContext, TeacherTargets, build_method, method_class
-from ds_moekd.model_checks import check_model_files, check_teacher_vocabulary
-from ds_moekd.models import resolve_model
-from ds_moekd.monitoring import monitor_sections
-from ds_moekd.monitoring import write_record as write_monitor_record
-from ds_moekd.numerics import NumericsGuard, check_finite_parameters, step_outcome
-from ds_moekd.peers import PeerHeartbeat, loss_report, lost_peer
-from ds_moekd.preemption import StopSignal
-from ds_moekd.reshard import universal_resume_config
-from ds_moekd.run_folder import check_run_folder, clear_previous_run
-from ds_moekd.run_lock import hold_run_folder
-from ds_moekd.run_record import finish_run
+from ds_moekd.modelfiles.assets import resolve_path
+from ds_moekd.modelfiles.checks import check_model_files, check_teacher_vocabulary
+from ds_moekd.modelfiles.locate import resolve_model
+from ds_moekd.run import checkpoints, watchdog
+from ds_moekd.run.elastic import keep_global_batch
+from ds_moekd.run.errors import Preempted, peer_failure, run_command
+from ds_moekd.run.folder import check_run_folder, clear_previous_run
+from ds_moekd.run.launcher_watch import LauncherWatch
+from ds_moekd.run.lock import hold_run_folder
+from ds_moekd.run.numerics import NumericsGuard, check_finite_parameters, step_outcome
+from ds_moekd.run.peers import PeerHeartbeat, loss_report, lost_peer
+from ds_moekd.run.preemption import StopSignal
+from ds_moekd.run.record import finish_run
+from ds_moekd.run.reshard import universal_resume_config
+from ds_moekd.runtime.device import rank_device, resolve_precision, teacher_dtype
+from ds_moekd.runtime.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
+from ds_moekd.runtime.host import configure_process
+from ds_moekd.runtime.monitoring import monitor_sections
+from ds_moekd.runtime.monitoring import write_record as write_monitor_record
+from ds_moekd.runtime.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.student.schedule import total_steps
-from ds_moekd.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
 
 
 def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool, targets: TeacherTargets):
@@ -139,7 +140,7 @@ def step_record(step, engine, groups, shares, watch, step_time) -> dict:
 
 def save_checkpoint(engine, method, ckpt_dir, step: int, guard: NumericsGuard, groups: ParallelGroups,
                     cfg: RunConfig) -> None:
-    """Commit `ckpt_dir/step{step}` (ds_moekd/checkpoints.py), never with non-finite weights. The
+    """Commit `ckpt_dir/step{step}` (ds_moekd/run/checkpoints.py), never with non-finite weights. The
     method's own state (SAR's routers) and the skipped-step count ride along."""
     watchdog.phase("checkpoint")
     check_finite_parameters(engine, groups.world_group, f"checkpoint step{step}")
@@ -289,7 +290,7 @@ def train(cfg: RunConfig) -> dict:
 
 def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, start_time: float,
                     launchers: LauncherWatch, heartbeat: PeerHeartbeat | None) -> dict:
-    """The run, once this job holds its run folder (ds_moekd/run_lock.py)."""
+    """The run, once this job holds its run folder (ds_moekd/run/lock.py)."""
     device = rank_device(info.local_rank)
     precision = resolve_precision(cfg.precision, device)
     log.info("world size %d (%s), teacher expert-parallel size %d, %s on %s (%s), %s", groups.world_size,
@@ -300,7 +301,7 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
     is_main = groups.rank == 0
     run_dir = cfg.run_dir
     ckpt_dir = run_dir / "checkpoints"
-    if cfg.train.resume:  # at another world size, keep the checkpoint's global batch (ds_moekd/elastic.py)
+    if cfg.train.resume:  # at another world size, keep the checkpoint's global batch (ds_moekd/run/elastic.py)
         cfg = keep_global_batch(cfg, ckpt_dir, groups.world_size)
 
     student_path = resolve_model(cfg.student.path)
@@ -319,7 +320,7 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
     with phase("teacher load"):
         teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
     resume_tag = checkpoints.resume_point(ckpt_dir, groups, cfg) if cfg.train.resume else None
-    # a checkpoint of another world size resumes through a universal checkpoint (ds_moekd/reshard.py)
+    # a checkpoint of another world size resumes through a universal checkpoint (ds_moekd/run/reshard.py)
     reshard = universal_resume_config(ckpt_dir, groups.world_size, resume_tag.name) if resume_tag else {}
     with phase("student engine", "DeepSpeed compiles a C++ op on its first use, e.g. its CPU Adam: about a "
                                  "minute each, cached in TORCH_EXTENSIONS_DIR"):
@@ -345,7 +346,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     """`python -m ds_moekd.train` and `ds-moekd train`: errors become a short message and an exit
-    code (ds_moekd/errors.py); --debug or DS_MOEKD_DEBUG=1 adds the traceback."""
+    code (ds_moekd/run/errors.py); --debug or DS_MOEKD_DEBUG=1 adds the traceback."""
     run_command(_main, sys.argv[1:] if argv is None else list(argv), "ds-moekd train")
 
 

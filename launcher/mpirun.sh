@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # mpirun launch (Open MPI or MPICH; `pip install -e .[mpi]` brings mpi4py and an MPICH mpirun).
-# ds_moekd.dist reads the rank from OMPI_*/PMI_* variables and sets RANK/WORLD_SIZE/LOCAL_RANK.
+# ds_moekd.runtime.dist reads the rank from OMPI_*/PMI_* variables and sets RANK/WORLD_SIZE/LOCAL_RANK.
 # Usage: launcher/mpirun.sh NUM_PROCS CONFIG [a.b=c ...]   (extra mpirun flags: MPIRUN_ARGS)
 # Across hosts, set MASTER_ADDR to the first host's address and pass a hostfile in MPIRUN_ARGS.
 set -euo pipefail

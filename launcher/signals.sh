@@ -10,7 +10,7 @@
 # exit with 75, which the launcher passes back. Whatever is still alive DS_MOEKD_STOP_GRACE_S
 # seconds after the signal (default 600), or once the launcher has exited, is killed.
 # A script killed outright (SIGKILL) cannot do any of this: the ranks watch its pid,
-# DS_MOEKD_WATCH_PID, and checkpoint and exit on their own once it is gone (ds_moekd/launcher_watch.py).
+# DS_MOEKD_WATCH_PID, and checkpoint and exit on their own once it is gone (ds_moekd/run/launcher_watch.py).
 run_ranks() {
   export DS_MOEKD_WATCH_PID="$BASHPID"
   setsid "$@" &

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import torch
-from multirank import RankPool
+from helpers.multirank import RankPool
 
 _POOL_FIXTURES = {"rank_pool2", "rank_pool4"}
 _LOOKUPS = {"git", "uname", "numactl", "lscpu", "nvidia-smi", "ldconfig"}

@@ -3,10 +3,9 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from ds_moekd.config import ConfigError, load_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 MINIMAL = """\
 name: t

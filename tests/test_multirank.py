@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from multirank import RankError, RankPool, RankTimeout
+from helpers.multirank import RankError, RankPool, RankTimeout
 
 pytestmark = pytest.mark.slow  # real processes (tests/conftest.py: full tier)
 

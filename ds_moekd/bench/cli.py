@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"usage: ds-moekd bench {{{', '.join(commands)}}} [--help]")
     import importlib
 
-    from ds_moekd.telemetry import phase, setup_logging
+    from ds_moekd.runtime.telemetry import phase, setup_logging
 
     setup_logging(rank=0)
     bench = importlib.import_module(commands[argv[0]])

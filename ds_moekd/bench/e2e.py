@@ -24,11 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ds_moekd.dist import free_loopback_port
 from ds_moekd.methods import METHODS as REGISTERED
-from ds_moekd.plots import e2e_speed_and_memory
+from ds_moekd.modelfiles.assets import CHECKOUT, DS_CONFIGS
+from ds_moekd.reporting.plots import e2e_speed_and_memory
+from ds_moekd.runtime.dist import free_loopback_port
 
-REPO = Path(__file__).resolve().parents[2]
 SIZES = ("demo", "random-300mb")
 METHODS = tuple(name for name, cls in REGISTERED.items() if cls.needs_teacher)  # each has a baseline step
 
@@ -38,15 +38,15 @@ def teacher_for(size: str, work: Path) -> str:
     (4 layers, hidden 512, 8 experts of 1408) with the demo's tokenizer."""
     if size == "demo":
         return "demo:teacher"
-    from ds_moekd.assets import resolve_path
     from ds_moekd.bench.random_teacher import build_random_teacher
+    from ds_moekd.modelfiles.assets import resolve_path
 
     return str(build_random_teacher(work / "teacher-4x512-8x1408", resolve_path("demo:student")))
 
 
 def method_config(method: str, args) -> Path:
     """The run config of a method: --config, else the method's shipped demo config."""
-    return args.config or REPO / f"ds_configs/methods/{method}.yaml"
+    return args.config or DS_CONFIGS / "methods" / f"{method}.yaml"
 
 
 def run_system(system: str, method: str, args, teacher: str, work: Path, tag: str,
@@ -153,7 +153,7 @@ def _shown(value):
     """Settings as recorded: paths inside the checkout relative to it (no machine paths in results)."""
     if not isinstance(value, Path):
         return value
-    return str(value.resolve().relative_to(REPO)) if value.resolve().is_relative_to(REPO) else value.name
+    return str(value.resolve().relative_to(CHECKOUT)) if value.resolve().is_relative_to(CHECKOUT) else value.name
 
 
 def main(argv: list[str] | None = None) -> None:

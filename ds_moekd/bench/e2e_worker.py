@@ -37,9 +37,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ds_moekd.bench.timing import _proc_status_bytes
-from ds_moekd.routing import AllExperts
-
-REPO = Path(__file__).resolve().parents[2]
+from ds_moekd.teacher.routing import AllExperts
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,12 +102,12 @@ def setup_ours(cfg):
     from transformers import AutoTokenizer
 
     from ds_moekd import kernels
-    from ds_moekd.assets import resolve_path
-    from ds_moekd.device import rank_device, resolve_precision
-    from ds_moekd.dist import ParallelGroups, init_distributed
     from ds_moekd.methods import build_method
+    from ds_moekd.modelfiles.assets import resolve_path
+    from ds_moekd.runtime.device import rank_device, resolve_precision
+    from ds_moekd.runtime.dist import ParallelGroups, init_distributed
+    from ds_moekd.runtime.telemetry import Stopwatch
     from ds_moekd.student.engine import build_student_engine
-    from ds_moekd.telemetry import Stopwatch
     from ds_moekd.train import fused_head, load_teacher, train_step, training_data
 
     info = init_distributed(cfg.train.dist_backend)
@@ -179,7 +177,7 @@ class _BaselineRouting:
             self.kept.append(output[0])
 
     def _patched(self, layer_index, router, native_forward):
-        from ds_moekd.routing import RoutingContext
+        from ds_moekd.teacher.routing import RoutingContext
 
         def forward(hidden_states):
             if self.policy is None:
@@ -261,11 +259,11 @@ def setup_baseline(cfg):
     `both` mode: transformers would load the models under ZeRO-3's Init once an engine exists."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ds_moekd.assets import resolve_path
-    from ds_moekd.dist import ParallelGroups, init_distributed
     from ds_moekd.methods import StepContext, build_method
+    from ds_moekd.modelfiles.assets import resolve_path
+    from ds_moekd.runtime.dist import ParallelGroups, init_distributed
+    from ds_moekd.runtime.telemetry import Stopwatch
     from ds_moekd.student.schedule import lr_factor
-    from ds_moekd.telemetry import Stopwatch
     from ds_moekd.train import training_data
 
     init_distributed("gloo")
@@ -346,8 +344,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     from ds_moekd.config import load_config
-    from ds_moekd.dist import shutdown
     from ds_moekd.methods import method_class
+    from ds_moekd.runtime.dist import shutdown
 
     cfg = load_config(args.config, args.overrides)
     if not method_class(cfg.method).needs_teacher:

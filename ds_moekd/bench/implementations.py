@@ -10,9 +10,9 @@ from torch import nn
 
 from ds_moekd import kernels
 from ds_moekd.kernels import unavailable_reason
-from ds_moekd.routing import RouterSpec, RoutingContext
 from ds_moekd.teacher.moe_block import ExpertParallelMoE
 from ds_moekd.teacher.routers import LinearRouter
+from ds_moekd.teacher.routing import RouterSpec, RoutingContext
 
 TRANSFORMERS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 # our layer with the expert backend forced (ds_moekd.kernels.configure), where it can run

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-import ds_moekd.routing as routing_module
-from ds_moekd.assets import resolve_path
-from ds_moekd.routing import AllExperts, KASample
+import ds_moekd.teacher.routing as routing_module
+from ds_moekd.modelfiles.assets import CHECKOUT, resolve_path
+from ds_moekd.teacher.routing import AllExperts, KASample
 
 from .moe_layer import _versions
 from .options import parse_with_run_options
@@ -246,7 +246,7 @@ def _routing_record(routing: dict, recording: _Recording, ka_batched_ms: float) 
 
 def _source_version() -> dict:
     """The repository commit this ran from and whether the code differed from it (None outside git)."""
-    root = Path(__file__).resolve().parents[2]
+    root = CHECKOUT
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from ds_moekd.kernels import choose_backend
-from ds_moekd.routing import AllExperts, KASample, NativeTopK
 from ds_moekd.teacher.dense_dispatch import takes_dense_path
 from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
+from ds_moekd.teacher.routing import AllExperts, KASample, NativeTopK
 
 from .implementations import (
     FORCED_BACKENDS,
@@ -77,7 +77,7 @@ def _entry(ms: float, flops: float, gemm_ms: float) -> dict:
 
 
 def run(preset_name, routing, tokens, ka_draws, dtype, device, warmup, iters, groups=None) -> dict:
-    from ds_moekd.dist import ParallelGroups
+    from ds_moekd.runtime.dist import ParallelGroups
 
     groups = groups or ParallelGroups.single()
     preset = PRESETS[preset_name]
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def finish_ranks(groups) -> None:
     if groups.world_size > 1:
-        from ds_moekd.dist import shutdown
+        from ds_moekd.runtime.dist import shutdown
 
         shutdown()
 

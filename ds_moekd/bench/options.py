@@ -70,7 +70,7 @@ def run_on_local_ranks(module: str, argv: list[str], ranks: int) -> None:
     """Run `python -m module argv` as `ranks` local ranks (torch.distributed.run, loopback only) and
     wait; rank 0 prints and writes the result. CPU ranks share the cores: each gets its share as
     intra-op threads unless OMP_NUM_THREADS is set."""
-    from ds_moekd.dist import free_loopback_port
+    from ds_moekd.runtime.dist import free_loopback_port
 
     port = str(free_loopback_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "TOKENIZERS_PARALLELISM": "false"}
@@ -86,7 +86,7 @@ def run_on_local_ranks(module: str, argv: list[str], ranks: int) -> None:
 
 def start_ranks(opts: RunOptions):
     """(ParallelGroups, this rank's device): one process, or one rank of `run_on_local_ranks`."""
-    from ds_moekd.dist import ParallelGroups, init_distributed
+    from ds_moekd.runtime.dist import ParallelGroups, init_distributed
 
     if opts.ep == 1:
         return ParallelGroups.single(), opts.device

@@ -1,6 +1,6 @@
 """`ds-moekd plan` against measured peak memory: short training runs on CPU processes, each
 rank's peak resident set (metrics.jsonl's peak_memory_mb, rank 0) next to the plan's peak for
-the same run config (benchmarks/plan_vs_measured.py, tests/test_plan.py)."""
+the same run config (benchmarks/plan_vs_measured.py, tests/planning/test_plan.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 from ds_moekd.config import load_config
-from ds_moekd.dist import free_loopback_port
-from ds_moekd.plan import MIB, plan
-
-REPO = Path(__file__).resolve().parents[2]
+from ds_moekd.modelfiles.assets import DS_CONFIGS
+from ds_moekd.planning.plan import MIB, plan
+from ds_moekd.runtime.dist import free_loopback_port
 
 
 def run_overrides(name: str, out: Path, demo: Path, teacher: Path, world: int, micro_batch: int) -> list[str]:
@@ -22,14 +21,14 @@ def run_overrides(name: str, out: Path, demo: Path, teacher: Path, world: int, m
         f"name={name}", f"output_dir={out}", "train.steps=2", f"data.micro_batch_size={micro_batch}",
         f"data.train_file={demo}/data/train.jsonl", f"data.valid_file={demo}/data/valid.jsonl",
         f"teacher.path={teacher}", f"student.path={demo}/student", "report.eval_examples=0", "validation.every=0",
-        f"student.deepspeed_config={REPO}/ds_configs/zero3_cpu.json", f"teacher.ep_size={world}",
+        f"student.deepspeed_config={DS_CONFIGS}/zero3_cpu.json", f"teacher.ep_size={world}",
     ]
 
 
 def measure(name: str, out: Path, demo: Path, teacher: Path, world: int = 1, micro_batch: int = 4) -> dict:
     """Train 2 KD steps on `world` CPU ranks (EP = world); return the plan's and the measured peak (MiB)."""
     overrides = run_overrides(name, out, demo, teacher, world, micro_batch)
-    config = str(REPO / "ds_configs/methods/kd.yaml")
+    config = str(DS_CONFIGS / "methods" / "kd.yaml")
     port = str(free_loopback_port())
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "GLOO_SOCKET_IFNAME": "lo",
            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}

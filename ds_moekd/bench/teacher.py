@@ -61,7 +61,7 @@ def load_ours(model, work: Path, groups, device, dtype):
 
 def run(preset_name, routing, batch, seq, layers, vocab, heads, device, dtype, warmup, iters, groups=None,
         work: Path | None = None) -> dict:
-    from ds_moekd.dist import ParallelGroups
+    from ds_moekd.runtime.dist import ParallelGroups
 
     groups = groups or ParallelGroups.single()
     model = build_model(preset_name, routing, layers, vocab, heads, device, dtype)

@@ -20,17 +20,16 @@ import json
 import time
 from pathlib import Path
 
-from ds_moekd.assets import resolve_path
-from ds_moekd.atomic import write_text
 from ds_moekd.comparison.runs import RunSpec, run_one
 from ds_moekd.config import RunConfig, load_config
 from ds_moekd.data.synthetic import read_jsonl
-from ds_moekd.heldout import scored_student
 from ds_moekd.methods import METHODS
 from ds_moekd.methods.sar import EXPORT_DIR as TUNED_TEACHER_DIR
-from ds_moekd.telemetry import read_metrics
+from ds_moekd.modelfiles.assets import DS_CONFIGS, resolve_path
+from ds_moekd.reporting.heldout import scored_student
+from ds_moekd.run.atomic import write_text
+from ds_moekd.runtime.telemetry import read_metrics
 
-REPO = Path(__file__).resolve().parents[2]
 # Put before the user's overrides: the comparison scores every student itself on the held-out file,
 # so each run's own before/after scoring (report.eval_examples) would only repeat that work.
 RUN_DEFAULTS = ["report.eval_examples=0"]
@@ -47,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="config in --config-dir that trains each seed's student init (none: start every "
                         "method from the configs' own student.path)")
     p.add_argument("--out", default="runs/compare", help="folder for runs/, logs/, comparison.json, report.md")
-    p.add_argument("--config-dir", default=str(REPO / "ds_configs" / "methods"), help="one NAME.yaml per row")
+    p.add_argument("--config-dir", default=str(DS_CONFIGS / "methods"), help="one NAME.yaml per row")
     p.add_argument("--world-size", type=int, default=2, help="ranks per run (default 2)")
     p.add_argument("--eval-file", default="demo:data/test.jsonl", help="held-out records (with `family` for the breakdown)")
     p.add_argument("--eval-examples", type=int, default=0, help="the first N records (0: all)")
@@ -116,8 +115,8 @@ def _run_row(spec: RunSpec, method: str, run_dir: Path, score) -> dict:
 
 
 def main(argv=None) -> Path:
-    from ds_moekd.comparison.report import write_comparison_report
     from ds_moekd.comparison.scoring import router_movement, score_student, score_teacher
+    from ds_moekd.reporting.comparison_report import write_comparison_report
 
     args = parse_args(argv)
     started = time.time()

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_moekd.dist import free_loopback_port
+from ds_moekd.runtime.dist import free_loopback_port
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from ds_moekd.data.batching import TokenizedExample, collate
 from ds_moekd.data.template import alpaca_prompt
 from ds_moekd.decoding import Forward, HFForward
 from ds_moekd.demo.evaluate import scores_by_family
-from ds_moekd.eval.diagnostics import non_activated_gate_mass, router_distributions
-from ds_moekd.routing import AllExperts, KASample, NativeTopK
+from ds_moekd.eval.router_mass import non_activated_gate_mass, router_distributions
+from ds_moekd.teacher.routing import AllExperts, KASample, NativeTopK
 
 METRICS = ("exact_match", "rouge_l")
 

@@ -57,7 +57,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, T] 1 = real token
     loss_mask: torch.Tensor  # [B, T-1] 1 where position t predicts a response token t+1
     # Each row's global example id (its index in the training data): the key of every random
-    # choice made for it (rollout sampling, KA draws, gate noise; ds_moekd/rng.py).
+    # choice made for it (rollout sampling, KA draws, gate noise; ds_moekd/runtime/rng.py).
     example_ids: torch.Tensor  # [B] int64
     prompt_lengths: torch.Tensor  # [B] int64
     # Packed rows (data/packing.py): positions restarting at each example; the model then gets no mask.

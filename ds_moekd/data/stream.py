@@ -39,7 +39,7 @@ def rank_batches(
     `packs` (data/packing.py) a row is one pack of examples and the permutation is over packs.
     An epoch ends on a whole optimizer step (`accumulation` micro-batches), so every step draws the
     same examples for any split of its global batch into ranks, micro-batches and accumulation
-    (what keeps a resume at another world size on the same data, ds_moekd/elastic.py)."""
+    (what keeps a resume at another world size on the same data, ds_moekd/run/elastic.py)."""
     n, global_batch = len(packs if packs is not None else dataset.examples), micro_batch_size * dp_size
     if n < global_batch * accumulation:
         what = "packed rows" if packs is not None else "training examples"

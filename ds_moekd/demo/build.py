@@ -22,11 +22,11 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 from ds_moekd.data.synthetic import SPLITS, generate_splits, write_jsonl
 from ds_moekd.decoding import HFForward
+from ds_moekd.demo.assets_readme import write_report
 from ds_moekd.demo.evaluate import expert_load, scores_by_family
+from ds_moekd.demo.model_training import Stage, encode_records, train
 from ds_moekd.demo.models import StudentShape, TeacherShape, dense_teacher, split_into_experts, student
-from ds_moekd.demo.report import write_report
 from ds_moekd.demo.tokenizer import train_tokenizer
-from ds_moekd.demo.train import Stage, encode_records, train
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch
 from ds_moekd.data.formats import EvalData
 from ds_moekd.data.instructions import InstructionRecord
 from ds_moekd.decoding import Forward
-from ds_moekd.demo.train import encode_records
+from ds_moekd.demo.model_training import encode_records
 from ds_moekd.eval.runner import EvalSettings, predict, record_scores
 
 

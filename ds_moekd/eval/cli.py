@@ -7,7 +7,7 @@
 Prompts are sharded over ranks. A dense model runs as transformers' own model, replicated on every
 rank. The process is set up as for training: `--precision` (auto: bf16 on GPUs that have it, else
 fp32) sets the dtype unless `--dtype` names one, and threads and LOCAL_SIZE come from
-ds_moekd/host.py. A MoE teacher (config.json's model_type one of the teacher families) runs as the
+ds_moekd/runtime/host.py. A MoE teacher (config.json's model_type one of the teacher families) runs as the
 expert-parallel `MoETeacher` under any `--routing`, decoding with its KV cache in lockstep with its
 EP group; `--backend hf` runs it as transformers' own model instead (native routing, one rank's full
 copy: a cross-check).
@@ -23,21 +23,21 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ds_moekd.assets import resolve_path
-from ds_moekd.atomic import write_text
 from ds_moekd.data.formats import FORMATS, load_eval_data
 from ds_moekd.decoding import HFForward
-from ds_moekd.device import DTYPE_NAMES, PRECISION_DTYPES, PRECISIONS, bind_device, resolve_precision
-from ds_moekd.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
-from ds_moekd.errors import UserError
-from ds_moekd.eval.diagnostics import non_activated_gate_mass
+from ds_moekd.eval.router_mass import non_activated_gate_mass
 from ds_moekd.eval.runner import TEMPLATES, evaluate, load_settings, prompt_ids
-from ds_moekd.host import configure_process
-from ds_moekd.model_checks import check_model_files
-from ds_moekd.models import resolve_model
-from ds_moekd.routing import AllExperts, KASample, NativeTopK
+from ds_moekd.modelfiles.assets import resolve_path
+from ds_moekd.modelfiles.checks import check_model_files
+from ds_moekd.modelfiles.locate import resolve_model
+from ds_moekd.run.atomic import write_text
+from ds_moekd.run.errors import UserError
+from ds_moekd.runtime.device import DTYPE_NAMES, PRECISION_DTYPES, PRECISIONS, bind_device, resolve_precision
+from ds_moekd.runtime.dist import ParallelGroups, discover_ranks, init_distributed, shutdown
+from ds_moekd.runtime.host import configure_process
 from ds_moekd.teacher import MoETeacher
 from ds_moekd.teacher.families import FAMILIES
+from ds_moekd.teacher.routing import AllExperts, KASample, NativeTopK
 
 ROUTINGS = ("native", "all", "ka")
 
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     moe = is_moe_checkpoint(model_dir)
     info = discover_ranks()
     if info.world_size > 1:
-        init_distributed()  # binds the rank to its GPU first (ds_moekd/device.py)
+        init_distributed()  # binds the rank to its GPU first (ds_moekd/runtime/device.py)
     ep_size = info.world_size if args.ep_size == 0 else args.ep_size
     backend = choose_backend(args.backend, moe=moe, routing=args.routing, ep_size=ep_size)
     ka_options = (args.ka_resample_prob, args.ka_num_selected, args.ka_seed)

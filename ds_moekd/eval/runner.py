@@ -25,7 +25,7 @@ from ds_moekd.data.formats import EvalData
 from ds_moekd.data.instructions import InstructionRecord
 from ds_moekd.decoding import Decoding, Forward, decode
 from ds_moekd.eval.metrics import exact_match, rouge_l
-from ds_moekd.rng import Sampling
+from ds_moekd.runtime.rng import Sampling
 
 TEMPLATES = ("alpaca", "chat")
 METRICS = ("rouge_l", "exact_match", "exact_match_strict")

@@ -10,7 +10,7 @@ The student is partitioned by ZeRO-3, so generation needs every rank. Two ways (
 Prompts are sharded round-robin and decoding is counter-based (eval/runner.py), so a score does
 not depend on the number of ranks. Rank 0 appends each score to `validation.jsonl`; when the
 chosen metric improves, the student is written as a Hugging Face model to `best_student_hf/`
-with `best.json` inside, atomically (ds_moekd.atomic.replace_dir): a crash never leaves a
+with `best.json` inside, atomically (ds_moekd.run.atomic.replace_dir): a crash never leaves a
 half-written best checkpoint, and the old one stays until the new one is complete.
 """
 
@@ -24,12 +24,12 @@ import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
-from ds_moekd.assets import resolve_path
-from ds_moekd.atomic import replace_dir
 from ds_moekd.data.formats import EvalData, load_eval_data
 from ds_moekd.decoding import HFForward
-from ds_moekd.dist import ParallelGroups
 from ds_moekd.eval.runner import EvalSettings, evaluate
+from ds_moekd.modelfiles.assets import resolve_path
+from ds_moekd.run.atomic import replace_dir
+from ds_moekd.runtime.dist import ParallelGroups
 from ds_moekd.student.lora import is_lora, merged_model
 from ds_moekd.student.zero3 import gathered_parameters
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ds_moekd.dist import ParallelGroups, all_reduce_sum
+from ds_moekd.runtime.dist import ParallelGroups, all_reduce_sum
 
 
 def global_token_count(loss_masks: Sequence[torch.Tensor], groups: ParallelGroups) -> float:

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from ds_moekd.data.batching import Batch
-from ds_moekd.dist import ParallelGroups
 from ds_moekd.losses import LossTerms
-from ds_moekd.routing import RoutingPolicy
-from ds_moekd.telemetry import Stopwatch
+from ds_moekd.runtime.dist import ParallelGroups
+from ds_moekd.runtime.telemetry import Stopwatch
+from ds_moekd.teacher.routing import RoutingPolicy
 
 if TYPE_CHECKING:  # methods read the config; only config validation imports the methods (registry.py)
     from ds_moekd.config import RunConfig

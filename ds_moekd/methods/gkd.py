@@ -16,9 +16,9 @@ from ds_moekd.data.batching import Batch, TokenizedExample, collate
 from ds_moekd.decoding import decode
 from ds_moekd.losses import LossTerms
 from ds_moekd.methods.base import Method, StepContext
-from ds_moekd.rng import MIXING_SLOT, CounterKey, Sampling, counter_uniform
-from ds_moekd.routing import AllExperts
+from ds_moekd.runtime.rng import MIXING_SLOT, CounterKey, Sampling, counter_uniform
 from ds_moekd.student.rollout import RolloutSettings, student_rollout
+from ds_moekd.teacher.routing import AllExperts
 
 DIVERGENCE_NAMES = {"reverse_kl": "rkl", "forward_kl": "kl", "jsd": "jsd"}  # metrics.jsonl keys
 

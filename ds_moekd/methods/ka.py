@@ -12,7 +12,7 @@ so no two steps reuse a draw and micro-batching or the number of ranks never cha
 from __future__ import annotations
 
 from ds_moekd.methods.gkd import OnPolicyDistillation
-from ds_moekd.routing import KASample
+from ds_moekd.teacher.routing import KASample
 
 
 class KnowledgeAugmentation(OnPolicyDistillation):

@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ds_moekd.assets import resolve_path
 from ds_moekd.data.batching import Batch
 from ds_moekd.losses import global_token_count
 from ds_moekd.methods.base import StepContext
 from ds_moekd.methods.gkd import OnPolicyDistillation
-from ds_moekd.routing import AllExperts
+from ds_moekd.modelfiles.assets import resolve_path
 from ds_moekd.student.zero3 import gathered_head_weight
 from ds_moekd.teacher.router_training import RouterTrainer, balance_loss, teacher_side_kl
+from ds_moekd.teacher.routing import AllExperts
 
 EXPORT_DIR = "sar_teacher_hf"
 

@@ -11,14 +11,13 @@ from transformers import AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
 from ds_moekd.config import RunConfig
-from ds_moekd.device import PRECISION_DTYPES, default_deepspeed_config
-from ds_moekd.dist import init_distributed
+from ds_moekd.modelfiles.assets import CHECKOUT
+from ds_moekd.runtime.device import PRECISION_DTYPES, default_deepspeed_config
+from ds_moekd.runtime.dist import init_distributed
+from ds_moekd.runtime.telemetry import log
 from ds_moekd.student.lora import apply_lora
 from ds_moekd.student.schedule import lr_factor
 from ds_moekd.student.zero3 import coalesce_persistent_gather, fetch_whole_layers
-from ds_moekd.telemetry import log
-
-REPO_DIR = Path(__file__).resolve().parents[2]  # ds_configs/ sits beside the package in a checkout
 
 # Values of the DeepSpeed JSON that the run config owns; "auto" in the JSON means "fill in".
 _AUTO_FIELDS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
@@ -28,12 +27,12 @@ def deepspeed_config_path(requested: str, device: torch.device) -> Path:
     """`student.deepspeed_config`; auto picks the shipped ZeRO-3 JSON for the device kind."""
     if requested != "auto":
         return Path(requested)
-    return REPO_DIR / default_deepspeed_config(device)
+    return CHECKOUT / default_deepspeed_config(device)
 
 
 def load_deepspeed_config(path: str | Path, cfg: RunConfig, world_size: int, precision: str = "fp32") -> dict:
     """Read the DeepSpeed JSON and fill the batch/optimizer values and the precision sections
-    (`bf16`, `fp16`) from the run config (`precision` resolved by ds_moekd/device.py)."""
+    (`bf16`, `fp16`) from the run config (`precision` resolved by ds_moekd/runtime/device.py)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"student.deepspeed_config: {path} does not exist")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ds_moekd.atomic import replace_dir
-from ds_moekd.dist import ParallelGroups
+from ds_moekd.run.atomic import replace_dir
+from ds_moekd.runtime.dist import ParallelGroups
 from ds_moekd.student.lora import is_lora, save_lora_student
 from ds_moekd.student.zero3 import gathered_parameters
 

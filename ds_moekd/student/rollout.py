@@ -8,7 +8,7 @@
              parameters at a time over the data-parallel group, so every rank must run the same
              number of forwards; ranks step in lockstep until all have finished.
 
-Both give identical tokens: sampling is keyed by (seed, step, example id, position), ds_moekd/rng.py.
+Both give identical tokens: sampling is keyed by (seed, step, example id, position), ds_moekd/runtime/rng.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import contextlib
 from dataclasses import dataclass
 
 from ds_moekd.decoding import Decoding, HFForward, decode
-from ds_moekd.dist import ParallelGroups
-from ds_moekd.rng import Sampling
+from ds_moekd.runtime.dist import ParallelGroups
+from ds_moekd.runtime.rng import Sampling
 from ds_moekd.student.zero3 import is_partitioned, whole_student
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ds_moekd.dist import reduce_scatter_sum
+from ds_moekd.runtime.dist import reduce_scatter_sum
 
 # (all tokens [R, H], their gate weights for the local experts [R, E_local]) -> weighted sum [R, H]
 DenseExpertFFN = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_moekd.routing import RouterSpec
+from ds_moekd.teacher.routing import RouterSpec
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ A token's experts are summed in ascending expert order either way. It pays only 
 exchange is latency-bound: measured on 2 CPU ranks over gloo, one teacher forward interleaved
 with the all-to-all's, it took 0.93x the time at the demo's size (~450 tokens x hidden 128 per
 rank) but 1.10x at hidden 512, where the reduce-scatter moves and sums the whole padded buffer
-(still ~1.0x with the cheaper gloo reduce-scatter of `ds_moekd.dist.reduce_scatter_sum`).
+(still ~1.0x with the cheaper gloo reduce-scatter of `ds_moekd.runtime.dist.reduce_scatter_sum`).
 So it runs only for payloads up to `GATHERED_MAX_BYTES` per rank.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from ds_moekd.dist import reduce_scatter_sum
+from ds_moekd.runtime.dist import reduce_scatter_sum
 
 # The gathered path's limit on one rank's padded tokens (max tokens x hidden x element size).
 GATHERED_MAX_BYTES = 256 * 1024

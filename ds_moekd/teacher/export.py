@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ds_moekd.atomic import replace_dir
+from ds_moekd.run.atomic import replace_dir
 from ds_moekd.teacher.loading import tensor_files
 
 CONFIG_FILE = "config.json"

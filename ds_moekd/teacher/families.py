@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig, PretrainedConfig
 
-from ds_moekd.routing import RouterSpec
+from ds_moekd.teacher.routing import RouterSpec
 
 
 @dataclass(frozen=True)

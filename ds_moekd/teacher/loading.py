@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from typing_extensions import Self
 
-from ds_moekd.model_checks import check_safetensors_file
+from ds_moekd.modelfiles.checks import check_safetensors_file
 from ds_moekd.teacher.families import ExpertShape, Family
 
 SINGLE_FILE = "model.safetensors"

@@ -27,13 +27,13 @@ from transformers import (
     PreTrainedModel,
 )
 
-from ds_moekd.dist import ParallelGroups
-from ds_moekd.routing import NativeTopK, RouterSpec, RoutingPolicy
+from ds_moekd.runtime.dist import ParallelGroups
 from ds_moekd.student.zero3 import torch_linear
 from ds_moekd.teacher.families import Family, check_activation, get_family
 from ds_moekd.teacher.loading import CheckpointReader, find_block_prefix, read_local_experts
 from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
 from ds_moekd.teacher.routers import make_router
+from ds_moekd.teacher.routing import NativeTopK, RouterSpec, RoutingPolicy
 
 logger = logging.getLogger(__name__)
 

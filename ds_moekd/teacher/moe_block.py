@@ -24,13 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ds_moekd.dist import ParallelGroups
 from ds_moekd.kernels import dense_experts, grouped_experts
-from ds_moekd.rng import NOISE_SLOT_BASE, CounterKey, counter_normal
-from ds_moekd.routing import RouterSpec, RoutingContext, RoutingPolicy
+from ds_moekd.runtime.dist import ParallelGroups
+from ds_moekd.runtime.rng import NOISE_SLOT_BASE, CounterKey, counter_normal
 from ds_moekd.teacher.dense_dispatch import dispatch_dense, ep_max_tokens, takes_dense_path
 from ds_moekd.teacher.diagnostics import GateDiagnostics, gate_diagnostics
 from ds_moekd.teacher.dispatch import dispatch_sparse, gathered_fits
+from ds_moekd.teacher.routing import RouterSpec, RoutingContext, RoutingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class ExpertParallelMoE(nn.Module):
 
     def _gate_logits(self, x_TH: torch.Tensor, active: ActiveRouting) -> torch.Tensor:
         """Router logits; in train mode a noisy gate (LLaMA-MoE) adds noise drawn from counter-based
-        normals keyed like the routing (ds_moekd/rng.py), so it does not depend on batching or EP size,
+        normals keyed like the routing (ds_moekd/runtime/rng.py), so it does not depend on batching or EP size,
         and activation checkpointing recomputes the same noise."""
         if not (self.training and getattr(self.gate, "weight_noise", None) is not None and active.noise_key):
             return self.gate(x_TH)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ds_moekd.dist import all_reduce_sum
 from ds_moekd.kernels import lm_head_divergence
+from ds_moekd.runtime.dist import all_reduce_sum
 
 
 class RouterTrainer:

@@ -7,7 +7,7 @@ so an expert computes  (silu(x @ W[:, :I]) * (x @ W[:, I:])) @ w_down.
 Tokens arrive already grouped by expert: rows of expert e follow those of expert e-1, with
 `tokens_per_expert_E` giving the group sizes.
 
-Entry points (backend "auto" | torch | triton | torch_grouped_mm | megablocks, see dispatch.py):
+Entry points (backend "auto" | torch | triton | torch_grouped_mm | megablocks, see backends.py):
   grouped_experts   sparse path on rows grouped by expert (what the EP block calls)
   dense_experts     dense all-expert path with per-token gate weights (ALL / SAR / KA)
   lm_head_divergence  chunked fused lm_head + forward KL / reverse KL / generalised JSD
@@ -15,7 +15,7 @@ Entry points (backend "auto" | torch | triton | torch_grouped_mm | megablocks, s
   divergence        the same divergences on logits already formed
 """
 
-from .dispatch import (
+from .backends import (
     BACKENDS,
     choose_backend,
     configure,

@@ -159,3 +159,13 @@ def test_every_package_is_listed_for_installation():
     listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {module for module, path in _modules().items() if path.name == "__init__.py"}
     assert found == listed
+
+
+def test_no_test_file_imports_another():
+    """Shared test code lives in tests/helpers/; a test module is never a library for another."""
+    offenders = []
+    for path in (REPO / "tests").rglob("test_*.py"):
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            offenders += [f"{path.relative_to(REPO)}: {name}" for name in names if name.split(".")[-1].startswith("test_")]
+    assert offenders == []

@@ -9,9 +9,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     commands = {
         "moe-layer": "ds_moekd.bench.moe_layer",
-        "teacher": "ds_moekd.bench.teacher",
+        "teacher": "ds_moekd.bench.teacher_forward",
         "loss": "ds_moekd.bench.loss",
-        "ka": "ds_moekd.bench.ka",
+        "ka": "ds_moekd.bench.ka_draws",
         "e2e": "ds_moekd.bench.e2e",
     }
     if not argv or argv[0] not in commands:

@@ -27,6 +27,7 @@ distillation steps of one system on the same models and batches, timed with the 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -359,6 +360,12 @@ def main(argv=None) -> None:
         if args.system == "both":
             steppers = {"ours": steppers["ours"], "baseline": steppers["baseline"]}
         _run(steppers, args, rank)
+        # The baseline's DDP reducer holds the process group. Freed at interpreter exit, it tears the
+        # group down while holding the GIL, and a gloo thread releasing a tensor waits for the GIL:
+        # a deadlock seen on this machine. Free it here, with every rank past the same barrier.
+        dist.barrier()
+        steppers.clear()
+        gc.collect()
     finally:
         shutdown()
 

@@ -22,8 +22,8 @@ from ds_moekd.run.atomic import write_text
 from ds_moekd.runtime.dist import ParallelGroups
 from ds_moekd.runtime.host import numerics_facts
 from ds_moekd.runtime.telemetry import phase
-from ds_moekd.student.engine import partitioned_parameter_counts
 from ds_moekd.student.export import export_hf
+from ds_moekd.student.zero3 import partitioned_parameter_counts
 
 
 def _version(package: str) -> str | None:

@@ -116,16 +116,3 @@ def _load_student(model_path: Path, ds_config: dict, dtype: torch.dtype):
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     zero3_loading = HfDeepSpeedConfig(ds_config)  # noqa: F841 - transformers holds a weak reference
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-
-
-def partitioned_parameter_counts(engine) -> tuple[int, int]:
-    """(elements this rank holds, elements of the full model); ZeRO-3 keeps only a partition."""
-    local = total = 0
-    for p in engine.module.parameters():
-        if hasattr(p, "ds_tensor"):
-            local += p.ds_tensor.numel()
-            total += p.ds_numel
-        else:
-            local += p.numel()
-            total += p.numel()
-    return local, total

@@ -196,3 +196,16 @@ def torch_linear():
         yield
     finally:
         F.linear = current
+
+
+def partitioned_parameter_counts(engine) -> tuple[int, int]:
+    """(elements this rank holds, elements of the full model); ZeRO-3 keeps only a partition."""
+    local = total = 0
+    for p in engine.module.parameters():
+        if hasattr(p, "ds_tensor"):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total

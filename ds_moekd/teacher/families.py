@@ -97,10 +97,13 @@ def _deepseek_v3_router(config: PretrainedConfig) -> RouterSpec:
     )
 
 
+GROUP_LIMITED_TOPK = {"group_limited_greedy"}  # DeepSeek-V2's `topk_method` values that limit groups
+
+
 def _deepseek_v2_router(config: PretrainedConfig) -> RouterSpec:
     # As transformers' DeepseekV2TopkRouter: softmax scores, never renormalised, times the factor;
     # "group_limited_greedy" keeps the topk_group groups with the best single expert.
-    grouped = config.topk_method == "group_limited_greedy"
+    grouped = config.topk_method in GROUP_LIMITED_TOPK
     return RouterSpec(
         config.n_routed_experts,
         config.num_experts_per_tok,

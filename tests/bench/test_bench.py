@@ -11,9 +11,9 @@ import pytest
 import torch
 from helpers.tiny_moe_checkpoints import NUM_EXPERTS, VOCAB, save_mixtral
 
-from ds_moekd.bench.ka import VARIANTS
+from ds_moekd.bench.ka_draws import VARIANTS
 from ds_moekd.bench.moe_layer import main as moe_layer_main
-from ds_moekd.bench.teacher import run as teacher_run
+from ds_moekd.bench.teacher_forward import run as teacher_run
 from ds_moekd.cli import main as cli_main
 
 

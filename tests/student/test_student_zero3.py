@@ -27,7 +27,8 @@ from ds_moekd.losses.fused import attach_fused_loss_head
 from ds_moekd.methods import build_method
 from ds_moekd.runtime.dist import ParallelGroups, init_distributed
 from ds_moekd.runtime.telemetry import Stopwatch
-from ds_moekd.student.engine import build_student_engine, partitioned_parameter_counts
+from ds_moekd.student.engine import build_student_engine
+from ds_moekd.student.zero3 import partitioned_parameter_counts
 from ds_moekd.train import train_step
 
 VOCAB = 48

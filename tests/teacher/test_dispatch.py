@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ds_moekd.kernels import grouped_swiglu_reference
+from helpers.references import random_expert_weights
 
 from ds_moekd.runtime.dist import ParallelGroups
 from ds_moekd.teacher.dispatch import dispatch_sparse
@@ -18,8 +19,7 @@ HIDDEN, INTER, NUM_EXPERTS, TOP_K = 8, 12, 8, 2
 def make_case(tokens_per_rank: list[int], seed: int):
     """Expert weights and, per rank, tokens with distinct expert ids and weights."""
     g = torch.Generator().manual_seed(seed)
-    w_gate_up_NHJ = torch.randn(NUM_EXPERTS, HIDDEN, 2 * INTER, generator=g)
-    w_down_NIH = torch.randn(NUM_EXPERTS, INTER, HIDDEN, generator=g)
+    w_gate_up_NHJ, w_down_NIH = random_expert_weights(g, NUM_EXPERTS, HIDDEN, INTER)
     ranks = []
     for tokens in tokens_per_rank:
         x_TH = torch.randn(tokens, HIDDEN, generator=g)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from ds_moekd.kernels import dense_swiglu_reference
+from helpers.references import random_expert_weights
 
 from ds_moekd.runtime.dist import ParallelGroups
 from ds_moekd.teacher.dense_dispatch import dispatch_dense
@@ -16,8 +17,7 @@ HIDDEN, INTER, NUM_EXPERTS = 8, 6, 4
 def make_case(tokens_per_rank: list[int], seed: int):
     """Expert weights; per rank tokens, gate weights with dropped (zero) experts, and an output probe."""
     g = torch.Generator().manual_seed(seed)
-    w_gate_up_NHJ = torch.randn(NUM_EXPERTS, HIDDEN, 2 * INTER, generator=g)
-    w_down_NIH = torch.randn(NUM_EXPERTS, INTER, HIDDEN, generator=g)
+    w_gate_up_NHJ, w_down_NIH = random_expert_weights(g, NUM_EXPERTS, HIDDEN, INTER)
     ranks = []
     for tokens in tokens_per_rank:
         gates_TN = torch.rand(tokens, NUM_EXPERTS, generator=g) * (

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if opts.ep > 1 and not is_launched_rank():
         with tempfile.TemporaryDirectory() as work:
             argv = sys.argv[1:] if argv is None else list(argv)
-            run_on_local_ranks("ds_moekd.bench.teacher", [*argv, "--work", work], opts.ep)
+            run_on_local_ranks("ds_moekd.bench.teacher_forward", [*argv, "--work", work], opts.ep)
         return
     groups, device = start_ranks(opts)
     result = run(args.preset, args.routing, args.batch, args.seq, args.layers, args.vocab, args.heads, device,

@@ -91,7 +91,7 @@ class ExpertParallelMoE(nn.Module):
         # Assignments each local expert computed in the last forward (all EP ranks' tokens);
         # for routing diagnostics and tests.
         self.last_load_E: torch.Tensor | None = None
-        self._logged_paths: set[str] = set()
+        self._logged_paths: set[tuple[str, int]] = set()  # (exchange, experts per token) logged once each
 
     @property
     def gate_weight_NH(self) -> torch.Tensor:
@@ -118,7 +118,7 @@ class ExpertParallelMoE(nn.Module):
         if self.groups.ep_size > 1 and active.ep_max_tokens is None:
             active.ep_max_tokens = ep_max_tokens(x_TH.shape[0], self.groups.ep_group, x_TH.device)
         if takes_dense_path(expert_ids_TK.shape[1], router.num_experts):
-            self._log_path("dense all-gather/reduce-scatter")
+            self._log_path("dense all-gather/reduce-scatter", expert_ids_TK.shape[1], router.num_experts)
             gate_weights_TN = torch.zeros_like(logits_TN, dtype=weights_TK.dtype).scatter(
                 1, expert_ids_TK, weights_TK
             )
@@ -139,7 +139,8 @@ class ExpertParallelMoE(nn.Module):
                     "all-to-all path has no backward"
                 )
             gathered = gathered_fits(x_TH, expert_ids_TK.shape[1], self.groups.ep_size, active.ep_max_tokens)
-            self._log_path("sparse all-gather/reduce-scatter" if gathered else "sparse all-to-all")
+            self._log_path("sparse all-gather/reduce-scatter" if gathered else "sparse all-to-all",
+                           expert_ids_TK.shape[1], router.num_experts)
             out_TH, self.last_load_E = dispatch_sparse(
                 x_TH,
                 expert_ids_TK,
@@ -177,10 +178,11 @@ class ExpertParallelMoE(nn.Module):
     def _local_experts_dense(self, x_RH: torch.Tensor, gate_weights_RE: torch.Tensor) -> torch.Tensor:
         return dense_experts(x_RH, gate_weights_RE, self.w_gate_up_EHJ, self.w_down_EIH)
 
-    def _log_path(self, path: str) -> None:
-        if path not in self._logged_paths:
-            self._logged_paths.add(path)
-            logger.info("MoE layer %d: %s dispatch, ds_moekd.kernels experts", self.layer_index, path)
+    def _log_path(self, path: str, experts_per_token: int, num_experts: int) -> None:
+        if (path, experts_per_token) not in self._logged_paths:
+            self._logged_paths.add((path, experts_per_token))
+            logger.info("MoE layer %d: %s dispatch for %d of %d experts per token, ds_moekd.kernels experts",
+                        self.layer_index, path, experts_per_token, num_experts)
 
     def extra_repr(self) -> str:
         return (

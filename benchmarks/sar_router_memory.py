@@ -60,9 +60,12 @@ def measure(teacher_path: str, checkpointing: bool, batch: int, seq: int) -> dic
                                  torch.randint(3, vocab, (seq - prompt,), generator=g).tolist()) for _ in range(batch)]
     data = collate(examples, pad_token_id=0)
     ctx = StepContext(SimpleNamespace(module=student), teacher, ParallelGroups.single(), vocab, 0, Stopwatch())
-    method.router_step(data, ctx)  # warm-up: builds the router trainer and its AdamW state
+    with torch.no_grad():  # the student step's forward, which the router step reads
+        out = student(input_ids=data.input_ids, attention_mask=data.attention_mask, output_hidden_states=True)
+        student_NH = data.response_rows(out.hidden_states[-1])
+    method.router_step(data, student_NH, ctx)  # warm-up: builds the router trainer and its AdamW state
     start = time.perf_counter()
-    peak = cpu_peak_bytes(lambda: method.router_step(data, ctx))
+    peak = cpu_peak_bytes(lambda: method.router_step(data, student_NH, ctx))
     return {"activation_checkpointing": checkpointing, "batch": batch, "seq": seq,
             "peak_extra_bytes": peak, "seconds": time.perf_counter() - start,
             "teacher_param_bytes": sum(p.numel() * p.element_size() for p in teacher.parameters())}

@@ -71,19 +71,25 @@ def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool, targets: Teac
     return (scores, head_VH[:vocab]) if fused else scores
 
 
-def student_loss(engine, head, method, batch: Batch, teacher, vocab: int, chunk: int):
-    """(loss summed over this micro-batch's response tokens, {part: sum}) of the student, through the
-    fused lm_head `head` (losses/fused.py) when there is one, else on full logits."""
+def student_forward(engine, head, batch: Batch, vocab: int):
+    """The student's side at response positions, with its graph: final hidden states `[N, H]` for the
+    fused lm_head `head` (losses/fused.py), else logits `[N, vocab]`; and, for methods that read the
+    student before it learns (SAR's router step), its final hidden states without the graph."""
+    if head is None:
+        out = engine(**batch.model_inputs(), output_hidden_states=True)
+        return batch.response_rows(out.logits)[:, :vocab], batch.response_rows(out.hidden_states[-1]).detach()
+    out = engine(**batch.model_inputs(), output_hidden_states=True, logits_to_keep=batch.no_logits())
+    hidden_NH = batch.response_rows(out.hidden_states[-1])
+    return hidden_NH, hidden_NH.detach()
+
+
+def student_loss(head, method, batch: Batch, student, teacher, chunk: int):
+    """(loss summed over this micro-batch's response tokens, {part: sum}) from `student_forward`'s
+    first output: through the fused head when there is one, else on the full logits."""
     targets = batch.targets[batch.loss_mask.bool()]
     if head is None:
-        logits = engine(**batch.model_inputs()).logits
-        return method.terms.on_logits(batch.response_rows(logits)[:, :vocab], teacher, targets, chunk)
-    out = engine(
-        **batch.model_inputs(),
-        output_hidden_states=True,
-        logits_to_keep=batch.no_logits(),
-    )
-    return head(batch.response_rows(out.hidden_states[-1]), teacher, targets)
+        return method.terms.on_logits(student, teacher, targets, chunk)
+    return head(student, teacher, targets)
 
 
 def train_step(engine, teacher, method, micro_batches: list[Batch], groups: ParallelGroups, vocab: int, watch,
@@ -101,13 +107,15 @@ def train_step(engine, teacher, method, micro_batches: list[Batch], groups: Para
     head = fused_loss_head(engine.module)
     loss_sum, parts_sum = 0.0, {}
     for batch in micro_batches:
-        method.before_student(batch, ctx)  # e.g. SAR's router step
+        with watch.time("student_s"):  # the student's forward once: SAR's router step reads it too
+            student, student_NH = student_forward(engine, head, batch, vocab)
+        method.before_student(batch, student_NH, ctx)  # e.g. SAR's router step
         scores = None
         if teacher is not None:
             with watch.time("teacher_s"), torch.no_grad():
                 scores = teacher_scores(teacher, batch, vocab, head is not None, method.teacher_targets(step))
         with watch.time("student_s"):
-            loss, parts = student_loss(engine, head, method, batch, scores, vocab, chunk)
+            loss, parts = student_loss(head, method, batch, student, scores, chunk)
             loss = loss / global_tokens
             engine.backward(loss * scale)
             engine.step()

@@ -86,8 +86,9 @@ class Method:
     def responses(self, batch: Batch, ctx: StepContext) -> Batch:
         return batch
 
-    def before_student(self, batch: Batch, ctx: StepContext) -> None:
-        pass
+    def before_student(self, batch: Batch, student_NH: torch.Tensor, ctx: StepContext) -> None:
+        """`student_NH`: the student's final hidden states at the response positions, this step's
+        forward (no graph), so a method that reads the student needs no forward of its own."""
 
     def teacher_targets(self, step: int) -> TeacherTargets:
         return TeacherTargets(None if self.routing is None else self.routing.at_step(step), self.draws)

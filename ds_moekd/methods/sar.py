@@ -53,19 +53,17 @@ class StudentAwareRouter(OnPolicyDistillation):
                 self.trainer.load_state_dict(self._resumed_state)
         return self.trainer
 
-    def before_student(self, batch: Batch, ctx: StepContext) -> None:
+    def before_student(self, batch: Batch, student_NH: torch.Tensor, ctx: StepContext) -> None:
         for _ in range(self.sar.router_steps):
             with ctx.watch.time("router_s"):
-                self.router_step(batch, ctx)
+                self.router_step(batch, student_NH, ctx)
 
-    def router_step(self, batch: Batch, ctx: StepContext) -> None:
+    def router_step(self, batch: Batch, student_NH: torch.Tensor, ctx: StepContext) -> None:
+        """`student_NH`: the student step's own forward (the student is fixed in this step)."""
         teacher, engine, groups = ctx.teacher, ctx.engine, ctx.groups
         trainer = self._trainer(teacher, groups)
         tokens = global_token_count([batch.loss_mask], groups)
-        with torch.no_grad():  # the student is fixed in this step
-            out = engine.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                output_hidden_states=True, logits_to_keep=batch.no_logits())
-            student_NH = batch.response_rows(out.hidden_states[-1])
+        with torch.no_grad():
             student_head_VH = gathered_head_weight(engine.module, ctx.vocab)
         with teacher.router_training(self.sar.activation_checkpointing):
             out = teacher(batch.input_ids, attention_mask=batch.attention_mask, routing=AllExperts(),

@@ -1,4 +1,4 @@
-"""`ds-moekd` command line: train, demo build, eval, report, compare, bench, convert.
+"""`ds-moekd` command line: train, teacher-cache, demo build, eval, report, compare, plan, bench, convert.
 
 Every command runs under one top-level handler (ds_moekd/run/errors.py): a failure prints a short
 message and exits non-zero; `--debug` (anywhere) or DS_MOEKD_DEBUG=1 adds the traceback.
@@ -20,6 +20,8 @@ def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ds-moekd", description="Distil Mixture-of-Experts teachers.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a student (also runs under deepspeed/torchrun)", add_help=False)
+    sub.add_parser("teacher-cache", help="run the teacher once and keep its top-k targets for off-policy training",
+                   add_help=False)
     demo = sub.add_parser("demo", help="the embedded demo workload")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     demo_sub.add_parser("build", help="build the demo dataset, tokenizer, teacher and student", add_help=False)
@@ -35,6 +37,10 @@ def _main(argv: list[str]) -> None:
         from ds_moekd.train import main as train_main
 
         train_main(rest)
+    elif args.command == "teacher-cache":
+        from ds_moekd.cache.build import main as cache_main
+
+        cache_main(rest)
     elif args.command == "demo" and args.demo_command == "build":
         from ds_moekd.demo.build import main as build_main
 

@@ -32,6 +32,7 @@ EXPERT_BACKENDS = ("auto", "torch", "triton", "torch_grouped_mm", "megablocks")
 LOSS_BACKENDS = ("auto", "torch", "triton")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 ROLLOUT_MODES = ("gather", "layerwise")
+KD_TARGETS = ("native", "all", "ka")  # the teacher routing of word-level KD (ds_moekd/methods/kd.py)
 VALIDATION_METRICS = ("rouge_l", "exact_match", "exact_match_strict")
 # fields that left their section: a config naming the old place is refused with the new one
 MOVED_FIELDS = {
@@ -74,6 +75,9 @@ class TeacherConfig:
     ep_size: int = 0  # expert-parallel size; 0 = the whole world
     dtype: str = "auto"  # auto: the run's precision (bf16 on GPUs, fp32 on CPU); or float32, bfloat16, float16
     expert_backend: str = "auto"  # expert FFN kernels (ds_moekd.kernels): auto, torch, triton, torch_grouped_mm, megablocks
+    # an offline teacher cache (`ds-moekd teacher-cache`): off-policy methods read their targets from
+    # it and load no teacher; `path` is then optional (compared with the cache's teacher when set)
+    cache: str | None = None
 
     def checks(self) -> list[Check]:
         return [
@@ -152,11 +156,15 @@ class LossConfig:
 class KDConfig:
     ce_weight: float = 0.5  # word-level KD: 0.5 CE + 0.5 KL(p||q) (paper's setting)
     kl_weight: float = 0.5
+    # the teacher's routing: native top-k, all experts, or KA's ka.draws N-1-expert draws per example
+    # (fixed per example, so an offline cache holds exactly what a live run uses)
+    targets: str = "native"
 
     def checks(self) -> list[Check]:
         return [
             ("ce_weight", self.ce_weight >= 0, "0 or more"),
             ("kl_weight", self.kl_weight >= 0, "0 or more"),
+            ("targets", self.targets in KD_TARGETS, f"one of {KD_TARGETS}"),
         ]
 
 
@@ -349,7 +357,13 @@ class RunConfig:
         validated_on = self.validation.file or self.data.valid_file
         return [
             ("precision", self.precision in PRECISIONS, f"one of {PRECISIONS}"),
-            ("teacher.path", not method.needs_teacher or self.teacher.path, f"required for method {self.method!r}"),
+            ("teacher.path", not method.needs_teacher or self.teacher.path or self.teacher.cache,
+             f"required for method {self.method!r} (or a teacher.cache)"),
+            ("teacher.cache", not self.teacher.cache or method.reads_teacher_cache,
+             f"unset for method {self.method!r}: " + (
+                 "it reads no teacher" if not method.needs_teacher else
+                 "it scores the student's own rollouts, sampled while it trains, which no cache made before "
+                 "training holds" if method.on_policy else "its teacher targets change while it trains")),
             ("data.packing", not self.data.packing or method.supports_packing,
              f"false for method {self.method!r}: packing applies to dataset responses, not rollouts"),
             ("student.lora.r", not self.student.lora.r or method.supports_lora,
@@ -365,7 +379,7 @@ class RunConfig:
 def ignored_sections(cfg: RunConfig) -> list[str]:
     """Method sections set away from their defaults that the run's method does not read (a warning:
     one config often serves several methods through `method=` overrides)."""
-    reads = method_class(cfg.method).sections
+    reads = method_class(cfg.method).sections_read(cfg)
     owned = {name for cls in METHODS.values() for name in cls.sections}
     return [name for name in sorted(owned - set(reads))
             if getattr(cfg, name) != type(getattr(cfg, name))()]
@@ -536,6 +550,7 @@ def check_paths_exist(cfg: RunConfig) -> None:
         "student.path": cfg.student.path,
         "student.deepspeed_config": None if cfg.student.deepspeed_config == "auto" else cfg.student.deepspeed_config,
         "teacher.path": cfg.teacher.path if method_class(cfg.method).needs_teacher else None,
+        "teacher.cache": cfg.teacher.cache,
     }
     for field_path, value in fields.items():
         if value is None or (field_path.split(".")[1].endswith("_file") and _is_dataset_name(value)):

@@ -22,8 +22,9 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from ds_moekd import kernels
+from ds_moekd.cache.reader import TeacherCache
 from ds_moekd.config import RunConfig, check_paths_exist, ignored_sections, load_config, save_config
-from ds_moekd.data.batching import Batch, tokenize_records
+from ds_moekd.data.batching import Batch, TokenizedDataset, tokenize_records
 from ds_moekd.data.chat import install_template
 from ds_moekd.data.formats import load_eval_data
 from ds_moekd.data.packing import pack
@@ -61,7 +62,9 @@ def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool, targets: Teac
     into one batched forward (each draw keyed by its index, every row by its example id): `[N, vocab]`
     logits (`[M, N, vocab]` for M > 1 draws), or for the fused head a (final hidden states `[N, H]` /
     `[M, N, H]`, lm_head weight `[vocab, H]`) pair, so the teacher's logits are formed one token chunk
-    at a time as well."""
+    at a time as well. From a teacher cache: its top-k targets (a SparseTeacher, `[M, N, k]`)."""
+    if isinstance(teacher, TeacherCache):  # read, not computed (docs/teacher-cache.md)
+        return teacher.scores(batch, targets.draws)
     draws = targets.draws
     out = teacher.forward_draws(**batch.model_inputs(), routing=targets.routing, num_draws=draws,
                                 sequence_index=batch.example_ids, fused_head=fused)
@@ -184,9 +187,9 @@ def fused_head(cfg: RunConfig, method, vocab: int):
     )
 
 
-def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups, device: torch.device):
-    """The tokenised training set, this rank's endless stream of micro-batches on `device`, and how
-    many rows (examples, or packed rows with `data.packing`) one epoch has."""
+def training_examples(cfg: RunConfig, tokenizer) -> TokenizedDataset:
+    """The tokenised training set (example i is the i-th kept record: every draw's and the teacher
+    cache's key)."""
     with phase("data"):
         records = load_eval_data(str(resolve_path(cfg.data.train_file)), format=cfg.data.format,
                                  split=cfg.data.split).records
@@ -195,6 +198,13 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups, device: tor
                                    max_response_tokens=cfg.data.max_response_tokens, template=cfg.data.template)
     log.info("%d training examples (%d prompts over the limit dropped), prompts in %s", len(dataset.examples),
              dataset.dropped_long_prompts, used)
+    return dataset
+
+
+def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups, device: torch.device):
+    """The tokenised training set, this rank's endless stream of micro-batches on `device`, and the
+    packed rows' example indices (None without `data.packing`)."""
+    dataset = training_examples(cfg, tokenizer)
     packs = None
     if cfg.data.packing:
         packs = pack(dataset.examples, cfg.data.max_prompt_tokens + cfg.data.max_response_tokens)
@@ -202,7 +212,7 @@ def training_data(cfg: RunConfig, tokenizer, groups: ParallelGroups, device: tor
     batches = rank_batches(dataset, micro_batch_size=cfg.data.micro_batch_size, dp_rank=groups.dp_rank,
                            dp_size=groups.dp_size, seed=cfg.train.seed, pad_token_id=tokenizer.pad_token_id,
                            packs=packs, accumulation=cfg.train.gradient_accumulation_steps)
-    return dataset, (batch.to(device) for batch in batches), len(packs if packs is not None else dataset.examples)
+    return dataset, (batch.to(device) for batch in batches), packs
 
 
 def with_run_length(cfg: RunConfig, rows: int, groups: ParallelGroups) -> RunConfig:
@@ -275,7 +285,7 @@ def _steps(cfg: RunConfig, engine, teacher, method, batches, groups: ParallelGro
 def check_models(cfg: RunConfig, student_path, tokenizer) -> None:
     """Refuse pickle, truncated or mismatched model folders before anything loads their weights."""
     check_model_files(student_path, "student.path", allow_pickle=cfg.student.allow_pickle_weights)
-    if method_class(cfg.method).needs_teacher:
+    if method_class(cfg.method).needs_teacher and cfg.teacher.path:
         check_model_files(resolve_model(cfg.teacher.path), "teacher.path")
         check_teacher_vocabulary(resolve_model(cfg.teacher.path), tokenizer)
 
@@ -289,7 +299,8 @@ def train(cfg: RunConfig) -> dict:
     with phase("distributed start"):
         info = init_distributed(cfg.train.dist_backend)
         setup_logging(info.rank)
-        groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if method_class(cfg.method).needs_teacher else 0)
+        holds_teacher = method_class(cfg.method).needs_teacher and not cfg.teacher.cache
+        groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size if holds_teacher else 0)
     with hold_run_folder(cfg.run_dir, groups), PeerHeartbeat.running(groups) as heartbeat:
         check_run_folder(cfg)  # on every rank, before any rank writes
         log.info("watching for the loss of %s", launchers)
@@ -316,8 +327,8 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
     tokenizer = AutoTokenizer.from_pretrained(student_path)
     vocab = len(tokenizer)
     check_models(cfg, student_path, tokenizer)
-    dataset, batches, rows = training_data(cfg, tokenizer, groups, device)
-    cfg = with_run_length(cfg, rows, groups)
+    dataset, batches, packs = training_data(cfg, tokenizer, groups, device)
+    cfg = with_run_length(cfg, len(packs if packs is not None else dataset.examples), groups)
     if is_main:
         clear_previous_run(cfg)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -325,8 +336,12 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
     method = build_method(cfg, tokenizer)
     for name in ignored_sections(cfg):
         log.warning("the %s section is set but method %s does not read it", name, cfg.method)
-    with phase("teacher load"):
-        teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
+    teacher = None
+    if cfg.teacher.cache:  # targets read from the cache; no teacher in memory
+        teacher = TeacherCache.open(cfg, tokenizer, dataset, packs)
+    elif method.needs_teacher:
+        with phase("teacher load"):
+            teacher = load_teacher(cfg, groups, device, precision)
     resume_tag = checkpoints.resume_point(ckpt_dir, groups, cfg) if cfg.train.resume else None
     # a checkpoint of another world size resumes through a universal checkpoint (ds_moekd/run/reshard.py)
     reshard = universal_resume_config(ckpt_dir, groups.world_size, resume_tag.name) if resume_tag else {}
@@ -340,6 +355,8 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
         next(batches)  # exactly where the checkpoint left it
     validator = Validator.create(cfg, tokenizer, groups, state["step"])  # None unless validation.every > 0
     train_loop(cfg, engine, teacher, method, batches, groups, vocab, validator, state, launchers, heartbeat)
+    if isinstance(teacher, TeacherCache):
+        teacher = None  # nothing to decode the held-out set with
     method.finish(StepContext(engine, teacher, groups, vocab, cfg.train.steps, Stopwatch()), run_dir)
     return finish_run(cfg, engine, teacher, tokenizer, groups, dataset, start_time)
 

@@ -202,5 +202,6 @@ def test_settings_of_a_section_the_method_does_not_read_are_named(tmp_path):
 
     assert ignored_sections(load_config(write(tmp_path, MINIMAL))) == []
     assert ignored_sections(load_config(write(tmp_path, MINIMAL), ["ka.draws=4", "gkd.top_k=5"])) == ["gkd", "ka"]
+    assert ignored_sections(load_config(write(tmp_path, MINIMAL), ["kd.targets=ka", "ka.draws=4"])) == []
     assert ignored_sections(load_config(write(tmp_path, MINIMAL), ["method=ka", "ka.draws=4", "kd.ce_weight=1"])) \
         == ["kd"]

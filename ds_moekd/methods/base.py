@@ -61,6 +61,8 @@ class Method:
     supports_lora: bool = True  # a peft LoRA student can train with it
     supports_packing: bool = True  # data.packing can pack its responses
     trains_teacher_routers: bool = False  # updates the teacher's routers (exported as a tuned teacher)
+    # its teacher targets depend on the data alone, so an offline teacher cache can hold them (teacher.cache)
+    reads_teacher_cache: bool = False
     sections: tuple[str, ...] = ()  # the method's own config sections (beyond data, optim, loss, ...)
     terms: LossTerms  # the loss, built from the config
 
@@ -72,6 +74,11 @@ class Method:
     @classmethod
     def loss_terms(cls, cfg: RunConfig) -> LossTerms:
         raise NotImplementedError
+
+    @classmethod
+    def sections_read(cls, cfg: RunConfig) -> tuple[str, ...]:
+        """The sections this run of the method reads (a section may matter only under some settings)."""
+        return cls.sections
 
     @classmethod
     def teacher_routing(cls, cfg: RunConfig) -> RoutingPolicy | None:

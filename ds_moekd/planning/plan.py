@@ -192,7 +192,8 @@ def plan(cfg: RunConfig, world_size: int, device: str = "gpu", gpu_memory_gib: f
          ep_size: int | None = None) -> dict:
     from ds_moekd.modelfiles.assets import resolve_path
 
-    teacher = teacher_shape(resolve_path(cfg.teacher.path)) if method_class(cfg.method).needs_teacher else None
+    holds_teacher = method_class(cfg.method).needs_teacher and not cfg.teacher.cache  # a cache: no teacher loaded
+    teacher = teacher_shape(resolve_path(cfg.teacher.path)) if holds_teacher else None
     student = student_shape(resolve_path(cfg.student.path))
     layout = resolve_layout(cfg, world_size, device, ep_size)
     parts = memory_parts(cfg, teacher, student, layout)

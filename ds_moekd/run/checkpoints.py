@@ -11,7 +11,6 @@ refuses a checkpoint whose run settings (`FROZEN_FIELDS`) differ from the config
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ds_moekd.config import RunConfig
-from ds_moekd.run.atomic import write_text
+from ds_moekd.run.atomic import file_sha256, write_text
 from ds_moekd.run.errors import EnvironmentProblem, UserError
 from ds_moekd.runtime.dist import ParallelGroups, any_rank
 from ds_moekd.runtime.telemetry import log
@@ -43,14 +42,6 @@ def frozen_settings(cfg: RunConfig, world_size: int) -> dict:
         settings[path] = value
     settings["global_batch"] = cfg.data.micro_batch_size * world_size * cfg.train.gradient_accumulation_steps
     return settings
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files(tag_dir: Path) -> list[str]:
@@ -84,7 +75,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict, groups: Parallel
             dist.barrier()  # the one DeepSpeed's save ends with, which the other ranks are waiting in
     if any_rank(failure is not None, groups.world_group):
         raise _save_failed(tag_dir, failure) from failure
-    entries = {name: {"bytes": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
+    entries = {name: {"bytes": (tag_dir / name).stat().st_size, "sha256": file_sha256(tag_dir / name)}
                for name in _my_share(_files(tag_dir), groups)}
     shares = _gather(entries, groups)
     if groups.rank == 0:
@@ -146,7 +137,7 @@ def _problems(tag_dir: Path, groups: ParallelGroups) -> list[str]:
             found.append(f"{name} is missing")
         elif path.stat().st_size != want["bytes"]:
             found.append(f"{name} has {path.stat().st_size} bytes, the manifest says {want['bytes']}")
-        elif _sha256(path) != want["sha256"]:
+        elif file_sha256(path) != want["sha256"]:
             found.append(f"{name} does not match its checksum")
     return found
 

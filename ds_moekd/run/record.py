@@ -84,6 +84,7 @@ def finish_run(cfg: RunConfig, engine, teacher, tokenizer, groups: ParallelGroup
             "student_total_params": total_params,
             "teacher_ep_size": teacher.ep_size if teacher is not None else None,
             "teacher_num_experts": teacher.num_experts if teacher is not None else None,
+            "teacher_cache": cfg.teacher.cache,  # the targets came from it: no teacher was loaded
             "per_rank": per_rank,
             "steps": cfg.train.steps,
             "global_batch_size": engine.train_batch_size(),

@@ -13,6 +13,7 @@ Entry points (backend "auto" | torch | triton | torch_grouped_mm | megablocks, s
   lm_head_divergence  chunked fused lm_head + forward KL / reverse KL / generalised JSD
   lm_head_loss        the same plus cross-entropy on the targets, weighted, in one pass (training)
   divergence        the same divergences on logits already formed
+  SparseTeacher     a top-k teacher (an offline cache's targets) for both, forward KL over k + 1 outcomes
 """
 
 from .backends import (
@@ -26,10 +27,12 @@ from .backends import (
     lm_head_loss,
     unavailable_reason,
 )
+from .divergence import SparseTeacher
 from .reference import dense_swiglu_reference, grouped_swiglu_reference
 
 __all__ = [
     "BACKENDS",
+    "SparseTeacher",
     "choose_backend",
     "configure",
     "dense_experts",

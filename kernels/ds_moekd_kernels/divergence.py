@@ -10,11 +10,19 @@ With z = logits / T, q = softmax(z_student), p = softmax(z_teacher), per token:
   reverse_kl  KL(q‖p)                         d/dz = q ⊙ (log q − log p − KL)
   jsd (β)     β KL(p‖m) + (1−β) KL(q‖m),      d/dz = q ⊙ (g − Σ q g),  g = (1−β) log(q/m)
               m = β p + (1−β) q  (GKD's generalised JSD; β → 0 or 1 vanishes, use the KLs)
+
+A teacher kept as its top-k (`SparseTeacher`, an offline cache's targets) scores forward KL over
+k + 1 outcomes: the k cached tokens and "any other token", whose teacher probability is the cached
+tail mass and whose student probability is q's mass outside those k tokens:
+  KL_k(p‖q) = Σ_top p_i log(p_i / q_i) + p_tail log(p_tail / q_tail)
+  d/dz_i = P q_i − p_i (i in the top k),  q_i (P − p_tail / q_tail) (otherwise),  P = Σ p
+Merging outcomes never raises a KL, so KL_k ≤ KL, with equality at k = V (empty tail).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,39 @@ def divergence_rows_torch(student_nV, teacher_nV, kind: str, beta: float = 0.5, 
     loss = beta * (log_p.exp() * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
     g = (1 - beta) * (log_q - log_m)
     return loss, q * (g - (q * g).sum(-1, keepdim=True)) / temperature
+
+
+@dataclass(frozen=True)
+class SparseTeacher:
+    """A teacher distribution kept as its top-k per token and draw (docs/teacher-cache.md):
+    log-probabilities `[M, N, k]` at the loss's temperature, their token ids `[M, N, k]` (int64),
+    and the log of the probability outside them `[M, N]` (−inf when nothing is left)."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    tail: torch.Tensor
+
+    def draws_at(self, s: slice):
+        """(log-probabilities `[n, k]`, ids `[n, k]`, tail `[n]`) of rows s, one draw at a time."""
+        for m in range(self.logprobs.shape[0]):
+            yield self.logprobs[m, s], self.ids[m, s], self.tail[m, s]
+
+
+def sparse_forward_kl_rows(student_nV, logprobs_nk, ids_nk, tail_n, temperature: float = 1.0):
+    """(KL_k(p‖q) per row [n] fp32, d loss / d student logits [n, V] fp32) against a top-k teacher
+    (module docstring); at k = V it equals `divergence_rows_torch(..., "forward_kl")`."""
+    log_q = F.log_softmax(student_nV.float() / temperature, dim=-1)
+    lp, tail = logprobs_nk.float(), tail_n.float()
+    in_top = torch.zeros_like(log_q, dtype=torch.bool).scatter_(1, ids_nk, True)
+    log_q_tail = log_q.masked_fill(in_top, float("-inf")).logsumexp(-1)
+    p_top, p_tail = lp.exp(), tail.exp()
+    has_tail = p_tail > 0
+    loss = (p_top * (lp - log_q.gather(1, ids_nk))).sum(-1)
+    loss += torch.where(has_tail, p_tail * (tail - log_q_tail), 0.0)
+    tail_ratio = torch.where(has_tail, (tail - log_q_tail).exp(), 0.0)  # p_tail / q_tail
+    total = p_top.sum(-1) + p_tail
+    grad = log_q.exp_().mul_(torch.where(in_top, total[:, None], (total - tail_ratio)[:, None]))
+    return loss, grad.scatter_add_(1, ids_nk, -p_top).div_(temperature)
 
 
 def _rows(student, teacher, kind, beta, temperature, use_triton):
@@ -69,13 +110,23 @@ def _teacher_draws(teacher, s: slice):
         yield draw[s] if weight is None else draw[s] @ weight.t()
 
 
+def _draw_rows(student_nV, teacher, s: slice, kind, beta, temperature, use_triton):
+    """(loss per row, d loss / d student logits) of rows s against each teacher draw in turn (a
+    top-k teacher through the torch row kernel: its [n, k] targets leave nothing for Triton to fuse)."""
+    if isinstance(teacher, SparseTeacher):
+        for logprobs_nk, ids_nk, tail_n in teacher.draws_at(s):
+            yield sparse_forward_kl_rows(student_nV, logprobs_nk, ids_nk, tail_n, temperature)
+        return
+    for teacher_nV in _teacher_draws(teacher, s):
+        yield _rows(student_nV, teacher_nV.detach(), kind, beta, temperature, use_triton)
+
+
 def _mean_over_draws(student_nV, teacher, s: slice, kind, beta, temperature, use_triton):
     """(loss per row, d loss / d student logits) averaged over the teacher's draws: with M draws the
     loss is (1/M) Σ_m D(p_m, q), KA's average over teacher draws."""
     loss = grad = None
     draws = 0
-    for teacher_nV in _teacher_draws(teacher, s):
-        loss_m, grad_m = _rows(student_nV, teacher_nV.detach(), kind, beta, temperature, use_triton)
+    for loss_m, grad_m in _draw_rows(student_nV, teacher, s, kind, beta, temperature, use_triton):
         loss, grad = (loss_m, grad_m) if loss is None else (loss.add_(loss_m), grad.add_(grad_m))
         draws += 1
     if draws > 1:
@@ -84,8 +135,16 @@ def _mean_over_draws(student_nV, teacher, s: slice, kind, beta, temperature, use
     return loss, grad
 
 
-def _check_teacher(teacher, tokens: int, vocab: int) -> None:
+def _check_teacher(teacher, tokens: int, vocab: int, kind: str) -> None:
     """Clear errors for teacher inputs whose token rows or vocabulary do not match the student's."""
+    if isinstance(teacher, SparseTeacher):
+        if kind != "forward_kl":
+            raise ValueError(f"divergence: a top-k teacher (SparseTeacher) scores forward_kl only, not {kind!r}")
+        if teacher.logprobs.dim() != 3 or teacher.logprobs.shape[1] != tokens or teacher.ids.shape != \
+                teacher.logprobs.shape or teacher.tail.shape != teacher.logprobs.shape[:2]:
+            raise ValueError(f"divergence: top-k teacher {tuple(teacher.logprobs.shape)} does not match the "
+                             f"student's {tokens} tokens (expected [M, N, k] with ids alike and tail [M, N])")
+        return
     hidden, weight = (teacher, None) if isinstance(teacher, torch.Tensor) else teacher
     rows = hidden.shape[-2] if hidden.dim() in (2, 3) else None
     teacher_vocab = hidden.shape[-1] if weight is None else weight.shape[0]
@@ -126,7 +185,7 @@ def logits_divergence(student_NV, teacher_NV, *, kind, beta=0.5, temperature=1.0
     chunked over tokens (0: all at once), differentiable in the student logits only. Teacher logits
     `[M, N, V]` are M draws: the divergence is averaged over them."""
     _check(kind, beta)
-    _check_teacher(teacher_NV, *student_NV.shape)
+    _check_teacher(teacher_NV, *student_NV.shape, kind)
     return _LogitsDivergence.apply(student_NV, teacher_NV, kind, beta, temperature, chunk, use_triton)
 
 
@@ -224,7 +283,7 @@ def fused_lm_head_loss(
     """
     _check(kind, beta)
     if teacher is not None:
-        _check_teacher(teacher, hidden_NH.shape[0], weight_VH.shape[0])
+        _check_teacher(teacher, hidden_NH.shape[0], weight_VH.shape[0], kind)
     if teacher is None and targets_N is None:
         raise ValueError("fused_lm_head_loss: give the teacher, the targets or both")
     terms = (kind, beta, temperature, ce_weight if targets_N is not None else 0.0,

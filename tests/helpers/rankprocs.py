@@ -43,8 +43,10 @@ def tiny_overrides(tiny_demo: Path, out: Path, name: str = "rel", steps: int = 6
     return [f"{k}={v}" for k, v in items.items()]
 
 
-def start_ranks(overrides: list[str], world: int = 2, env: dict | None = None, log_dir: Path | None = None):
-    """Start `world` rank processes; their stderr goes to log_dir/rank{r}.log."""
+def start_ranks(overrides: list[str], world: int = 2, env: dict | None = None, log_dir: Path | None = None,
+                module: str = "ds_moekd.train", args: tuple[str, ...] = ()):
+    """Start `world` rank processes of `module` (its `args`, then the kd config and `overrides`);
+    their stderr goes to log_dir/rank{r}.log."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -52,7 +54,7 @@ def start_ranks(overrides: list[str], world: int = 2, env: dict | None = None, l
                             "MASTER_PORT": str(port), **(env or {})})
         log = open(log_dir / f"rank{rank}.log", "w") if log_dir else subprocess.DEVNULL
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "ds_moekd.train", "--config", str(REPO / "ds_configs/methods/kd.yaml"), *overrides],
+            [sys.executable, "-m", module, *args, "--config", str(REPO / "ds_configs/methods/kd.yaml"), *overrides],
             env=rank_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
     return procs
 

@@ -17,6 +17,7 @@ from helpers.rankprocs import REPO, run_env, tiny_overrides
 from ds_moekd.config import load_config
 from ds_moekd.modelfiles.checks import check_model_files, check_teacher_vocabulary
 from ds_moekd.run import checkpoints
+from ds_moekd.run.atomic import file_sha256
 from ds_moekd.run.errors import EXIT_ENVIRONMENT, EXIT_USAGE, NumericsError, UserError
 from ds_moekd.run.folder import check_run_folder
 from ds_moekd.run.numerics import NumericsGuard
@@ -179,7 +180,7 @@ def _fake_checkpoint(ckpt_dir: Path, step: int, cfg, commit: bool = True) -> Pat
     (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(bytes(range(200)) * step)
     if commit:
         name = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
-        files = {name: {"bytes": (tag / name).stat().st_size, "sha256": checkpoints._sha256(tag / name)}}
+        files = {name: {"bytes": (tag / name).stat().st_size, "sha256": file_sha256(tag / name)}}
         settings = checkpoints.frozen_settings(cfg, 1)
         (tag / "manifest.json").write_text(json.dumps({"step": step, "files": files, "settings": settings}))
     return tag

@@ -39,7 +39,6 @@ def measure(tokens: int) -> dict:
         gate=gate,
         w_gate_up_EHJ=torch.randn(EXPERTS, HIDDEN, 2 * WIDTH) * 0.05,
         w_down_EIH=torch.randn(EXPERTS, WIDTH, HIDDEN) * 0.05,
-        expert_ids=range(EXPERTS),
         groups=ParallelGroups.single(),
     )
     x_BSH = torch.randn(1, tokens, HIDDEN)

@@ -30,7 +30,7 @@ def _main(argv: list[str]) -> None:
     sub.add_parser("compare", help="train every method on several seeds and report them side by side",
                    add_help=False)
     sub.add_parser("plan", help="per-GPU memory and FLOPs of a run, from config files only", add_help=False)
-    sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka (no DeepSpeed needed)", add_help=False)
+    sub.add_parser("bench", help="benchmarks: moe-layer, teacher, loss, ka, placement, e2e", add_help=False)
     sub.add_parser("convert", help="rewrite a model folder's pickle (.bin) weights as safetensors", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":

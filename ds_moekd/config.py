@@ -75,6 +75,12 @@ class TeacherConfig:
     ep_size: int = 0  # expert-parallel size; 0 = the whole world
     dtype: str = "auto"  # auto: the run's precision (bf16 on GPUs, fp32 on CPU); or float32, bfloat16, float16
     expert_backend: str = "auto"  # expert FFN kernels (ds_moekd.kernels): auto, torch, triton, torch_grouped_mm, megablocks
+    # which EP rank holds which experts (docs/parallelism.md, "Expert placement"): balanced (packed by
+    # per-expert loads of a calibration pass over the first micro-batches; bit-identical logits, the
+    # default by its measured speed); contiguous (expert e on rank e // (N/E)); or a loads JSON file
+    # (`ds-moekd bench placement --save-loads`) to pack by
+    expert_placement: str = "balanced"
+    redundant_experts: int = 0  # with balanced placement: extra slots per EP rank for replicas of hot experts
     # an offline teacher cache (`ds-moekd teacher-cache`): off-policy methods read their targets from
     # it and load no teacher; `path` is then optional (compared with the cache's teacher when set)
     cache: str | None = None
@@ -84,6 +90,10 @@ class TeacherConfig:
             ("ep_size", self.ep_size >= 0, "0 (whole world) or a positive divisor of the world size"),
             ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
             ("expert_backend", self.expert_backend in EXPERT_BACKENDS, f"one of {EXPERT_BACKENDS}"),
+            ("expert_placement", self.expert_placement in ("contiguous", "balanced")
+             or self.expert_placement.endswith(".json"), "contiguous, balanced or a loads file (.json)"),
+            ("redundant_experts", self.redundant_experts == 0 or (self.redundant_experts > 0
+             and self.expert_placement != "contiguous"), "0, or more with a balanced placement (or a loads file)"),
         ]
 
 

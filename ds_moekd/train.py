@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 import time
 
@@ -55,6 +56,10 @@ from ds_moekd.runtime.monitoring import write_record as write_monitor_record
 from ds_moekd.runtime.telemetry import MetricsWriter, Stopwatch, log, peak_memory_mb, phase, setup_logging
 from ds_moekd.student.engine import build_student_engine
 from ds_moekd.student.schedule import total_steps
+from ds_moekd.teacher import MoETeacher
+from ds_moekd.teacher.calibration import CALIBRATION_BATCHES, apply_expert_placement
+from ds_moekd.teacher.dense_dispatch import takes_dense_path
+from ds_moekd.teacher.routing import experts_per_token
 
 
 def teacher_scores(teacher, batch: Batch, vocab: int, fused: bool, targets: TeacherTargets):
@@ -171,10 +176,20 @@ def resume_from_checkpoint(engine, method, tag_dir, universal: bool = False) -> 
 
 def load_teacher(cfg: RunConfig, groups: ParallelGroups, device: torch.device, precision: str):
     """This rank's part of the teacher, read straight onto `device` in `teacher.dtype` (auto: `precision`)."""
-    from ds_moekd.teacher import MoETeacher
-
     dtype = teacher_dtype(cfg.teacher.dtype, precision)
     return MoETeacher.from_pretrained(resolve_model(cfg.teacher.path), groups=groups, dtype=dtype, device=device)
+
+
+def place_teacher_experts(cfg: RunConfig, teacher, routing, calibration: list[Batch]) -> None:
+    """Spread the teacher's experts over the EP ranks by measured load (`teacher.expert_placement`,
+    docs/parallelism.md "Expert placement"). Collective: every rank calls it with as many batches.
+    Only the sparse exchange gains: on the dense path (all experts, KA's N-1) every rank already runs
+    its experts on every token, so no calibration pass is spent there."""
+    if takes_dense_path(experts_per_token(routing, teacher.num_experts, teacher.top_k), teacher.num_experts):
+        return
+    with phase("expert placement"):
+        apply_expert_placement(teacher, cfg.teacher.expert_placement, cfg.teacher.redundant_experts,
+                               calibration=[b.model_inputs() for b in calibration])
 
 
 def fused_head(cfg: RunConfig, method, vocab: int):
@@ -353,6 +368,10 @@ def train_in_folder(cfg: RunConfig, info, groups: ParallelGroups, threads: str, 
     state = resume_from_checkpoint(engine, method, resume_tag, universal=bool(reshard))
     for _ in range(state["step"] * cfg.train.gradient_accumulation_steps):  # the data stream continues
         next(batches)  # exactly where the checkpoint left it
+    if isinstance(teacher, MoETeacher):  # calibrated on the next micro-batches, which then train as usual
+        first = [next(batches) for _ in range(CALIBRATION_BATCHES)]
+        place_teacher_experts(cfg, teacher, method.routing, first)
+        batches = itertools.chain(first, batches)
     validator = Validator.create(cfg, tokenizer, groups, state["step"])  # None unless validation.every > 0
     train_loop(cfg, engine, teacher, method, batches, groups, vocab, validator, state, launchers, heartbeat)
     if isinstance(teacher, TeacherCache):

@@ -1,4 +1,4 @@
-"""`ds-moekd bench {moe-layer, teacher, loss, ka, e2e} ...`"""
+"""`ds-moekd bench {moe-layer, teacher, loss, ka, e2e, placement} ...`"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> None:
         "loss": "ds_moekd.bench.loss",
         "ka": "ds_moekd.bench.ka_draws",
         "e2e": "ds_moekd.bench.e2e",
+        "placement": "ds_moekd.bench.placement",
     }
     if not argv or argv[0] not in commands:
         raise SystemExit(f"usage: ds-moekd bench {{{', '.join(commands)}}} [--help]")

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -50,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", required=True, help="JSON file per rank: OUT.rank<r>.json")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-limit-gib", type=float, default=None,
+                   help="address-space limit of this rank: an allocation past it fails (out of memory) instead of "
+                        "the machine swapping or its OOM killer picking a process")
     p.add_argument("overrides", nargs="*")
     return p.parse_args(argv)
 
@@ -109,7 +114,8 @@ def setup_ours(cfg):
     from ds_moekd.runtime.dist import ParallelGroups, init_distributed
     from ds_moekd.runtime.telemetry import Stopwatch
     from ds_moekd.student.engine import build_student_engine
-    from ds_moekd.train import fused_head, load_teacher, train_step, training_data
+    from ds_moekd.teacher.calibration import CALIBRATION_BATCHES
+    from ds_moekd.train import fused_head, load_teacher, place_teacher_experts, train_step, training_data
 
     info = init_distributed(cfg.train.dist_backend)
     groups = ParallelGroups.create(ep_size=cfg.teacher.ep_size)
@@ -122,6 +128,10 @@ def setup_ours(cfg):
     _, batches, _ = training_data(cfg, tokenizer, groups, device)
     method = build_method(cfg, tokenizer)
     teacher = load_teacher(cfg, groups, device, precision) if method.needs_teacher else None
+    if teacher is not None:  # as `train` does: the same placement, on the first micro-batches
+        first = [next(batches) for _ in range(CALIBRATION_BATCHES)]
+        place_teacher_experts(cfg, teacher, method.routing, first)
+        batches = itertools.chain(first, batches)
     engine = build_student_engine(resolve_path(cfg.student.path), cfg, groups.world_size,
                                   prepare_model=fused_head(cfg, method, vocab), precision=precision, device=device)
 
@@ -344,6 +354,9 @@ def setup_baseline(cfg):
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_limit_gib:
+        limit = int(args.memory_limit_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     from ds_moekd.config import load_config
     from ds_moekd.methods import method_class
     from ds_moekd.runtime.dist import shutdown

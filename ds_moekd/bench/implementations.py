@@ -36,7 +36,6 @@ def our_layer(preset, weights, groups) -> ExpertParallelMoE:
         gate=gate,
         w_gate_up_EHJ=w_gate_up[experts.start : experts.stop].contiguous(),
         w_down_EIH=w_down[experts.start : experts.stop].contiguous(),
-        expert_ids=experts,
         groups=groups,
     ).eval()
 

@@ -16,7 +16,6 @@ per token) and the ratio to one plain `[T, H] × [H, 3·k·I]` GEMM of equal FLO
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from .implementations import (
     our_layer,
     transformers_layer,
 )
-from .options import is_launched_rank, parse_with_run_options, run_on_local_ranks, start_ranks
+from .options import is_launched_rank, parse_with_run_options, publish, run_on_local_ranks, start_ranks
 from .presets import PRESETS, experts_per_token
 from .timing import device_name, time_ms
 
@@ -197,19 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     groups, device = start_ranks(opts)
     result = run(args.preset, args.routing, args.tokens, args.ka_draws, opts.dtype, device, opts.warmup,
                  opts.iters, groups)
-    if groups.rank == 0:
-        print(format_table(result))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=1) + "\n")
-    finish_ranks(groups)
-
-
-def finish_ranks(groups) -> None:
-    if groups.world_size > 1:
-        from ds_moekd.runtime.dist import shutdown
-
-        shutdown()
+    publish(groups, format_table(result), result, args.json)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Their defaults depend on the device chosen, so they parse as None and are filled
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -93,3 +94,16 @@ def start_ranks(opts: RunOptions):
     info = init_distributed()
     device = torch.device("cuda", info.local_rank) if opts.device.type == "cuda" else opts.device
     return ParallelGroups.create(ep_size=opts.ep), device
+
+
+def publish(groups, text: str, result: dict, json_path) -> None:
+    """Rank 0 prints `text` and writes `result` to `json_path` (if given); then the ranks finish."""
+    if groups.rank == 0:
+        print(text)
+        if json_path:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=1) + "\n")
+    if groups.world_size > 1:
+        from ds_moekd.runtime.dist import shutdown
+
+        shutdown()

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .moe_layer import _versions, finish_ranks
-from .options import is_launched_rank, parse_with_run_options, run_on_local_ranks, start_ranks
+from .moe_layer import _versions
+from .options import is_launched_rank, parse_with_run_options, publish, run_on_local_ranks, start_ranks
 from .presets import PRESETS, experts_per_token
 from .timing import device_name, time_ms
 
@@ -127,12 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     groups, device = start_ranks(opts)
     result = run(args.preset, args.routing, args.batch, args.seq, args.layers, args.vocab, args.heads, device,
                  opts.dtype, opts.warmup, opts.iters, groups, args.work)
-    if groups.rank == 0:
-        print(json.dumps(result, indent=1))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=1) + "\n")
-    finish_ranks(groups)
+    publish(groups, json.dumps(result, indent=1), result, args.json)
 
 
 if __name__ == "__main__":

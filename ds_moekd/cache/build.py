@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import shutil
 import sys
@@ -30,7 +31,7 @@ from ds_moekd.cache.manifest import MANIFEST, build_manifest, first_difference, 
 from ds_moekd.cache.shards import SHARDS, discard, verified_shards, write_shard
 from ds_moekd.config import KD_TARGETS, RunConfig, check_paths_exist, load_config
 from ds_moekd.data.batching import Batch, TokenizedDataset, collate
-from ds_moekd.methods.kd import targets_of
+from ds_moekd.methods.kd import routing_of, targets_of
 from ds_moekd.modelfiles.assets import resolve_path
 from ds_moekd.modelfiles.checks import check_model_files, check_teacher_vocabulary
 from ds_moekd.modelfiles.locate import resolve_model
@@ -39,7 +40,8 @@ from ds_moekd.runtime.device import rank_device, resolve_precision, teacher_dtyp
 from ds_moekd.runtime.dist import ParallelGroups, init_distributed, set_collective_timeout, shutdown
 from ds_moekd.runtime.host import configure_process
 from ds_moekd.runtime.telemetry import log, phase, setup_logging
-from ds_moekd.train import load_teacher, teacher_scores, training_examples
+from ds_moekd.teacher.calibration import CALIBRATION_BATCHES
+from ds_moekd.train import load_teacher, place_teacher_experts, teacher_scores, training_examples
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOG_EVERY_S = 30.0
@@ -177,6 +179,12 @@ def build(cfg: RunConfig, out: Path, *, routings: list[str], top_k: int, dtype: 
     work = ((s, ids, batch) for s in mine for ids, batch in shard_batches(
         dataset, s, shard_examples, batch_size, tokenizer.pad_token_id))
     stand_in = collate([dataset.examples[0]], tokenizer.pad_token_id, example_ids=[0]).to(device)
+    mine_first = itertools.islice((b for s in mine for _, b in shard_batches(
+        dataset, s, shard_examples, batch_size, tokenizer.pad_token_id)), CALIBRATION_BATCHES)
+    calibration = [b.to(device) for b in mine_first]
+    # the placement serves the sparse routing, if any is asked (ds_moekd/train.py)
+    place_teacher_experts(cfg, teacher, routing_of(cfg, "native" if "native" in routings else routings[0]),
+                          calibration + [stand_in] * (CALIBRATION_BATCHES - len(calibration)))
     writers: dict[int, ShardWriter] = {}
     with tqdm(total=total, unit="tok", disable=groups.rank != 0, desc="teacher cache", dynamic_ncols=True) as bar:
         while True:

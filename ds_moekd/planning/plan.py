@@ -7,6 +7,7 @@ only (docs/plan.md gives every formula and what it leaves out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -97,9 +98,11 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
     parts["student grads (partition)"] = P * sb / shard
     optimizer = P * (12 if mixed else 8) / shard
     parts["student optimizer states (partition)"] = 0 if layout.offload_optimizer else optimizer
-    parts["student gathered layers (ZeRO-3 working set)"] = 2 * student.largest_layer_params * sb
     if layout.zero_stage == 3:
+        parts["student gathered layers (ZeRO-3 working set)"] = 2 * student.largest_layer_params * sb
         parts["student persistent small params (whole on every rank)"] = persistent_elements(student, layout) * sb
+    else:  # torch DDP: its gradient buckets are a second copy of the gradients
+        parts["student DDP gradient buckets"] = P * sb
     per_layer = 6 * student.hidden + student.kv_width + 4 * student.intermediate  # values kept per token
     parts["student activations"] = tokens * per_layer * student.layers * sb
     parts["student activations, checkpointed (not in total)"] = tokens * student.hidden * student.layers * sb \
@@ -117,8 +120,9 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
         inter = teacher.params_per_expert // (3 * teacher.hidden)
         parts["teacher replicated weights"] = teacher.replicated_params * tb
         parts["teacher expert shard"] = teacher.expert_params / layout.ep_size * tb
-        if layout.device == "cpu":  # the device is the host: the read checkpoint pages count too
-            parts[LOAD_PART] = parts["teacher replicated weights"] + parts["teacher expert shard"]
+        if layout.device == "cpu":  # the device is the host: the block being read counts too (the loader
+            # unmaps each MoE block's checkpoint pages once it is read: ds_moekd/teacher/loading.py)
+            parts[LOAD_PART] = parts["teacher expert shard"] / max(1, teacher.moe_layers)
         one_draw = tokens * (8 * teacher.hidden + 3 * k * inter) * tb + resp_tokens * teacher.hidden * tb
         parts["teacher activations (one layer at a time)"] = one_draw
         if M > 1:
@@ -137,7 +141,7 @@ def memory_parts(cfg: RunConfig, teacher: TeacherShape | None, student: StudentS
 
 
 # Parts alive only while the teacher loads, and only while a step runs: the peak is the larger.
-LOAD_PART = "teacher checkpoint pages while loading (CPU only)"
+LOAD_PART = "teacher: one MoE block in flight while loading (CPU only)"
 STEP_PARTS = ("student activations", "fused-head loss buffers", "full logits + loss buffers", "teacher activations",
               "KA's", "rollout")
 
@@ -188,16 +192,27 @@ def smallest_ep(cfg, teacher, student, layout: Layout, gpu_bytes: float) -> int 
     return None
 
 
+def baseline_layout(layout: Layout) -> Layout:
+    """The authors'-style layout `ds-moekd bench e2e` compares against: the whole teacher on every
+    rank, a torch DDP student (every parameter, gradient and AdamW state on every rank), full logits."""
+    return Layout(**{**layout.__dict__, "ep_size": 1, "zero_stage": 0, "offload_optimizer": False,
+                     "offload_params": False})
+
+
 def plan(cfg: RunConfig, world_size: int, device: str = "gpu", gpu_memory_gib: float | None = None,
-         ep_size: int | None = None) -> dict:
+         ep_size: int | None = None, baseline: bool = False) -> dict:
+    """The plan of the run, or with `baseline` of the authors'-style run of the same models and batches."""
     from ds_moekd.modelfiles.assets import resolve_path
 
     holds_teacher = method_class(cfg.method).needs_teacher and not cfg.teacher.cache  # a cache: no teacher loaded
     teacher = teacher_shape(resolve_path(cfg.teacher.path)) if holds_teacher else None
     student = student_shape(resolve_path(cfg.student.path))
     layout = resolve_layout(cfg, world_size, device, ep_size)
+    if baseline:
+        layout = baseline_layout(layout)
+        cfg = dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, fused_head=False))
     parts = memory_parts(cfg, teacher, student, layout)
-    result = {"layout": layout.__dict__, "teacher": teacher.__dict__ if teacher else None,
+    result = {"system": "baseline" if baseline else "ds-moekd", "layout": layout.__dict__, "teacher": teacher.__dict__ if teacher else None,
               "student": student.__dict__, "memory_bytes": parts, "device_total_bytes": device_total(parts),
               "flops_per_token": flops_per_token(cfg, teacher, student)}
     if gpu_memory_gib:
@@ -219,7 +234,8 @@ def suggest_k(teacher: TeacherShape) -> int | None:
 
 def render(result: dict) -> str:
     lay = result["layout"]
-    lines = [f"world size {lay['world_size']}, teacher EP {lay['ep_size']}, {lay['device']}, {lay['precision']}, "
+    lines = [f"{result['system']}: world size {lay['world_size']}, teacher EP {lay['ep_size']}, {lay['device']}, "
+             f"{lay['precision']}, "
              f"ZeRO stage {lay['zero_stage']}"
              + (", optimizer offloaded" if lay["offload_optimizer"] else "")
              + (", params offloaded" if lay["offload_params"] else ""), "", "memory per rank:"]
@@ -256,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpu-memory", type=float, default=None, help="GiB per device, to check the fit")
     parser.add_argument("--device", choices=("gpu", "cpu"), default="gpu")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--baseline", action="store_true", help="plan the authors'-style run instead: whole "
+                        "teacher per rank, DDP student, full logits (what `ds-moekd bench e2e` compares against)")
     args = parser.parse_args(argv)
-    result = plan(load_config(args.config, args.overrides), args.world_size, args.device, args.gpu_memory)
+    result = plan(load_config(args.config, args.overrides), args.world_size, args.device, args.gpu_memory,
+                  baseline=args.baseline)
     print(json.dumps(result, indent=1) if args.json else render(result))

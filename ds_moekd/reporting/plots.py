@@ -191,6 +191,30 @@ def comparison_curves(path: Path, loss: dict[str, Curve], validation: dict[str, 
     _save(fig, path)
 
 
+def e2e_cost_curves(path: Path, teacher_gb: list[float], methods: list[str], tokens_per_s: dict[str, list],
+                    peak_mib_per_rank: dict[str, list]) -> None:
+    """Tokens/s and peak memory per rank against the teacher's size, a line per (method, system);
+    a system with no value at a size (the baseline out of memory) is marked with an x at the bottom."""
+    plt = _pyplot()
+    fig, (ax_speed, ax_mem) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, values in ((ax_speed, tokens_per_s), (ax_mem, peak_mib_per_rank)):
+        for method in dict.fromkeys(methods):
+            rows = [i for i, m in enumerate(methods) if m == method]
+            for system, style in zip(values, ("-o", "--s"), strict=False):
+                done = [i for i in rows if values[system][i] is not None]
+                line, = ax.plot([teacher_gb[i] for i in done], [values[system][i] for i in done], style,
+                                label=f"{method} {system}")
+                failed = [teacher_gb[i] for i in rows if values[system][i] is None]
+                if failed:
+                    ax.plot(failed, [0] * len(failed), "x", color=line.get_color(), markersize=10)
+        ax.set_xscale("log")
+        ax.set_xlabel("teacher size (GB, fp32)")
+    ax_speed.set_title("tokens/s (x: out of memory)")
+    ax_mem.set_title("peak memory per rank (MiB)")
+    ax_mem.legend(fontsize=7)
+    _save(fig, path, dpi=120)
+
+
 def e2e_speed_and_memory(path: Path, cases: list[str], tokens_per_s: dict[str, list[float]],
                          peak_mib_per_rank: dict[str, list[float]]) -> None:
     """Side by side per case (method and size), a bar per system (ours, baseline): median tokens/s

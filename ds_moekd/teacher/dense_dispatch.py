@@ -83,18 +83,22 @@ def dispatch_dense(
     ep_group: dist.ProcessGroup | None,
     expert_ffn: DenseExpertFFN,
     max_tokens: int | None = None,
+    experts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """sum_e g[t, e] * expert_e(x[t]) `[T, H]` for this rank's tokens, and this rank's expert load.
 
     `gate_weights_TN` holds every expert's weight (0 for an expert a token does not use); the
     load `[E_local]` counts the tokens (of all EP ranks) with a nonzero weight on each local expert.
+    `experts`: the experts `expert_ffn` computes, in its order (None: the contiguous block
+    ep_rank·N/E_p ..); the EP group's ranks together must compute each expert once.
     `max_tokens`: the most tokens any rank of the EP group holds (None: found here, one more collective).
     """
     num_experts = gate_weights_TN.shape[1]
     local = num_experts // ep_size
-    columns = slice(ep_rank * local, (ep_rank + 1) * local)
+    columns = slice(ep_rank * local, (ep_rank + 1) * local) if experts is None else experts
     if ep_size == 1:
-        return expert_ffn(x_TH, gate_weights_TN), (gate_weights_TN != 0).sum(dim=0)
+        gate_weights_TE = gate_weights_TN[:, columns]
+        return expert_ffn(x_TH, gate_weights_TE), (gate_weights_TE != 0).sum(dim=0)
     tokens = x_TH.shape[0]
     if max_tokens is None:
         max_tokens = ep_max_tokens(tokens, ep_group, x_TH.device)

@@ -4,7 +4,8 @@
 `model.safetensors.index.json`, reads tensors (or leading-dimension slices of them) by name and
 counts the bytes it read. FP8 block-scaled weights (DeepSeek-V3: `X.weight` in float8 with
 `X.weight_scale_inv`, one scale per 128x128 block) are dequantised tensor by tensor as they are
-read. `read_local_experts` reads one MoE block's local experts in the kernels' layout
+read. `read_local_experts` reads one MoE block's local experts (any of its experts, in the order
+of the rank's slots) in the kernels' layout
 (`w_gate_up [E, H, 2I]`, `w_down [E, I, H]`) from either checkpoint layout: per expert (names
 from the family, as released and as transformers' `save_pretrained` writes) or fused
 (`{block}.experts.gate_up_proj [E, 2I, H]`, `{block}.experts.down_proj [E, H, I]`,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -80,7 +82,10 @@ class CheckpointReader:
         self.bytes_read += tensor.numel() * tensor.element_size()
         if tensor.dtype in _FP8_DTYPES:
             tensor = self._dequantize(name, tensor, rows)
-        return tensor.to(device=self.device, dtype=dtype)
+        out = tensor.to(device=self.device, dtype=dtype)
+        # On the CPU safetensors hands out views of its file mapping: a copy of our own lets `close`
+        # unmap the file, so the pages read stop counting in this process's memory.
+        return out.clone() if out is tensor and out.device.type == "cpu" else out
 
     def _dequantize(self, name: str, weight_OI: torch.Tensor, rows: slice | None) -> torch.Tensor:
         scale_name = f"{name}_scale_inv"
@@ -115,6 +120,7 @@ class CheckpointReader:
         return str(self.device) if self.device.type in ("cpu", "cuda") else "cpu"
 
     def close(self) -> None:
+        """Unmap the files read so far (reading again reopens them)."""
         self._handles.close()
         self._open.clear()
 
@@ -143,10 +149,10 @@ def read_local_experts(
     family: Family,
     block_prefix: str,
     shape: ExpertShape,
-    expert_ids: range,
+    expert_ids: Sequence[int],
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights of experts `expert_ids` of one block: (`w_gate_up [E, H, 2I]`, `w_down [E, I, H]`).
+    """Weights of experts `expert_ids` of one block, in that order: (`w_gate_up [E, H, 2I]`, `w_down [E, I, H]`).
 
     Experts narrower than the layer's widest (LLaMA-MoE) are zero-padded to I: a zero gate/up
     column gives silu(0) * 0 = 0 and a zero down row adds nothing, so the output is unchanged.
@@ -154,7 +160,7 @@ def read_local_experts(
     fused_gate_up = f"{block_prefix}.experts.gate_up_proj"
     if fused_gate_up in reader:
         return _read_fused(reader, block_prefix, shape, expert_ids, dtype)
-    first = f"{block_prefix}.{family.expert_keys[0].format(e=expert_ids.start)}"
+    first = f"{block_prefix}.{family.expert_keys[0].format(e=expert_ids[0])}"
     if first in reader:
         return _read_per_expert(reader, family, block_prefix, shape, expert_ids, dtype)
     raise KeyError(
@@ -172,10 +178,20 @@ def _read_fused(reader, block_prefix, shape, expert_ids, dtype):
     for name, want in zip(names, expected):
         if reader.shape(name) != want:
             raise ValueError(f"{reader.path}: {name} has shape {reader.shape(name)}, config implies {want}")
-    rows = slice(expert_ids.start, expert_ids.stop)
-    w_gate_up_EJH = reader.read(names[0], rows=rows, dtype=dtype)
-    w_down_EHI = reader.read(names[1], rows=rows, dtype=dtype)
+    # One slice per run of consecutive ids (one in all for a contiguous placement's block).
+    runs = []
+    for e in expert_ids:
+        if runs and runs[-1].stop == e:
+            runs[-1] = slice(runs[-1].start, e + 1)
+        else:
+            runs.append(slice(e, e + 1))
+    w_gate_up_EJH, w_down_EHI = (_concat([reader.read(name, rows=rows, dtype=dtype) for rows in runs])
+                                 for name in names)
     return w_gate_up_EJH.transpose(1, 2).contiguous(), w_down_EHI.transpose(1, 2).contiguous()
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _read_per_expert(reader, family, block_prefix, shape, expert_ids, dtype):

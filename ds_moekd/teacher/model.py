@@ -3,7 +3,8 @@
 `MoETeacher.from_pretrained` builds the family's transformers model on the meta device (so no
 weight is allocated), reads the replicated weights (embeddings, attention, norms, dense MLPs,
 routers, lm_head) from the checkpoint, and replaces every sparse MoE block with an
-`ExpertParallelMoE` holding only this rank's experts, read by name from the checkpoint. Attention,
+`ExpertParallelMoE` holding only this rank's experts (those its expert placement gives it,
+ds_moekd/teacher/placement.py), read by name from the checkpoint. Attention,
 norms and rotary embeddings stay transformers' own code. Multi-token-prediction layers of
 DeepSeek checkpoints (`model.layers.{num_hidden_layers}...`) are never read: only tensors the
 skeleton needs are. FP8 block-scaled tensors are dequantised as they are read (loading.py).
@@ -32,6 +33,7 @@ from ds_moekd.student.zero3 import torch_linear
 from ds_moekd.teacher.families import Family, check_activation, get_family
 from ds_moekd.teacher.loading import CheckpointReader, find_block_prefix, read_local_experts
 from ds_moekd.teacher.moe_block import ActiveRouting, ExpertParallelMoE
+from ds_moekd.teacher.placement import ExpertPlacement, contiguous_placement
 from ds_moekd.teacher.routers import make_router
 from ds_moekd.teacher.routing import NativeTopK, RouterSpec, RoutingPolicy
 
@@ -50,11 +52,13 @@ class MoETeacher(nn.Module):
         moe_blocks: list[ExpertParallelMoE],
         bytes_read: int,
         expert_bytes_read: int,
+        checkpoint: tuple[str, tuple[int, int]],
     ):
         super().__init__()
         self.model = model
         self.family = family
         self.groups = groups
+        self._checkpoint = checkpoint  # (path, FP8 block size): where `place_experts` reads experts again
         # The blocks are registered inside self.model; a tuple attribute is not registered twice.
         self._moe_blocks = tuple(moe_blocks)
         self.bytes_read = bytes_read  # everything this rank read from the checkpoint
@@ -64,10 +68,11 @@ class MoETeacher(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str, *, groups: ParallelGroups | None = None, dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        device: torch.device | str = "cpu", placement: ExpertPlacement | None = None,
     ) -> MoETeacher:
         """This rank's part of the teacher at `path`: the replicated weights and its EP rank's
-        experts, each read from the checkpoint straight onto `device` in `dtype`."""
+        experts, each read from the checkpoint straight onto `device` in `dtype`. `placement`: which
+        experts each EP rank holds in each MoE layer (None: contiguous blocks of N/E_p)."""
         groups = ParallelGroups.single() if groups is None else groups
         family, config, fp8_block = _read_config(path)
         shape = family.expert_shape(config, 0)
@@ -77,8 +82,6 @@ class MoETeacher(nn.Module):
                 f"{path}: {shape.num_experts} experts cannot be split over teacher.ep_size={groups.ep_size} "
                 f"ranks; choose an EP size that divides {shape.num_experts} (one of {divisors})"
             )
-        local = shape.num_experts // groups.ep_size
-        expert_ids = range(groups.ep_rank * local, (groups.ep_rank + 1) * local)
         router = family.router_spec(config)
 
         with torch.device("meta"):
@@ -89,18 +92,18 @@ class MoETeacher(nn.Module):
             )
         with CheckpointReader(path, fp8_block=fp8_block, device=device) as reader:
             moe_blocks, expert_bytes_read = _install_ep_blocks(
-                model, reader, family, router, expert_ids, groups, dtype
+                model, reader, family, router, placement, groups, dtype
             )
             _load_replicated_weights(model, reader, dtype)
             bytes_read = reader.bytes_read
         _rebuild_meta_buffers(model, torch.device(device))
         model.eval().requires_grad_(False)
         logger.info(
-            "teacher %s: %d MoE layers, experts %d..%d of %d on EP rank %d/%d, read %.1f MB (%.1f MB experts)",
+            "teacher %s: %d MoE layers, experts %s of %d on EP rank %d/%d, read %.1f MB (%.1f MB experts)",
             path,
             len(moe_blocks),
-            expert_ids.start,
-            expert_ids.stop - 1,
+            f"{list(moe_blocks[0].expert_ids)} in every layer" if placement is None
+            else f"per layer {[list(b.expert_ids) for b in moe_blocks]}",
             shape.num_experts,
             groups.ep_rank,
             groups.ep_size,
@@ -114,6 +117,7 @@ class MoETeacher(nn.Module):
             moe_blocks=moe_blocks,
             bytes_read=bytes_read,
             expert_bytes_read=expert_bytes_read,
+            checkpoint=(path, fp8_block),
         ).eval()
 
     def forward(
@@ -299,7 +303,30 @@ class MoETeacher(nn.Module):
 
     @property
     def local_expert_ids(self) -> list[int]:
+        """This rank's experts in the first MoE layer (in every layer under the contiguous placement)."""
         return list(self._moe_blocks[0].expert_ids)
+
+    @property
+    def placement(self) -> ExpertPlacement:
+        return ExpertPlacement(layers=tuple(b.slots for b in self._moe_blocks), num_experts=self.num_experts)
+
+    def place_experts(self, placement: ExpertPlacement) -> None:
+        """Hold the experts `placement` gives this rank, read again from the checkpoint (block by
+        block: the old experts of a layer are dropped before its new ones are read). Every rank of the
+        EP group must pass the same placement; no collective runs here."""
+        _check_placement(placement, len(self._moe_blocks), self.num_experts, self.ep_size)
+        path, fp8_block = self._checkpoint
+        weight = self._moe_blocks[0].w_down_EIH
+        with CheckpointReader(path, fp8_block=fp8_block, device=weight.device) as reader:
+            for block, slots in zip(self._moe_blocks, placement.layers):
+                shape = self.family.expert_shape(self.config, block.layer_index)
+                block.w_gate_up_EHJ = block.w_down_EIH = None  # free this layer's experts first
+                w_gate_up_EHJ, w_down_EIH = read_local_experts(
+                    reader, self.family, block.checkpoint_prefix, shape, slots[self.groups.ep_rank], weight.dtype
+                )
+                block.hold_experts(slots, w_gate_up_EHJ, w_down_EIH)
+            self.bytes_read += reader.bytes_read
+            self.expert_bytes_read += reader.bytes_read
 
     @property
     def expert_param_bytes(self) -> int:
@@ -355,22 +382,32 @@ def _install_ep_blocks(
     reader: CheckpointReader,
     family: Family,
     router: RouterSpec,
-    expert_ids: range,
+    placement: ExpertPlacement | None,
     groups: ParallelGroups,
     dtype: torch.dtype,
 ) -> tuple[list[ExpertParallelMoE], int]:
-    """Replace each of the family's sparse MoE blocks by an EP block; returns them and the expert bytes read."""
+    """Replace each of the family's sparse MoE blocks by an EP block holding this rank's experts of
+    `placement` (None: contiguous); returns them and the expert bytes read."""
     config = model.config
+    blocks = [(name, module) for name, module in model.named_modules()
+              if type(module).__name__ == family.sparse_block_class]
+    if not blocks:
+        raise ValueError(
+            f"{reader.path}: the {family.model_type} model built from config.json has no "
+            f"{family.sparse_block_class}; nothing to run expert-parallel"
+        )
+    placement = placement or contiguous_placement(len(blocks), router.num_experts, groups.ep_size)
+    _check_placement(placement, len(blocks), router.num_experts, groups.ep_size)
     moe_blocks, expert_bytes_read = [], 0
-    for name, module in list(model.named_modules()):
-        if type(module).__name__ != family.sparse_block_class:
-            continue
+    for (name, module), slots in zip(blocks, placement.layers):
         layer_prefix, _, attr = name.rpartition(".")  # "model.layers.3", "mlp"
         layer_index = int(layer_prefix.rsplit(".", 1)[1])
         block_prefix = find_block_prefix(reader, family, layer_prefix)
         shape = family.expert_shape(config, layer_index)
         before = reader.bytes_read
-        w_gate_up_EHJ, w_down_EIH = read_local_experts(reader, family, block_prefix, shape, expert_ids, dtype)
+        w_gate_up_EHJ, w_down_EIH = read_local_experts(
+            reader, family, block_prefix, shape, slots[groups.ep_rank], dtype
+        )
         expert_bytes_read += reader.bytes_read - before
         with torch.device("meta"):
             gate = make_router(family.router_kind, config, shape.num_experts, dtype)
@@ -385,8 +422,8 @@ def _install_ep_blocks(
             gate=gate,
             w_gate_up_EHJ=w_gate_up_EHJ,
             w_down_EIH=w_down_EIH,
-            expert_ids=expert_ids,
             groups=groups,
+            slots=slots,
             shared_expert=shared[0] if shared else None,
             shared_expert_gate=shared[1] if len(shared) > 1 else None,
             checkpoint_prefix=block_prefix,
@@ -394,12 +431,16 @@ def _install_ep_blocks(
         _load_block_weights(block, reader, block_prefix, dtype)
         setattr(model.get_submodule(layer_prefix), attr, block)
         moe_blocks.append(block)
-    if not moe_blocks:
-        raise ValueError(
-            f"{reader.path}: the {family.model_type} model built from config.json has no "
-            f"{family.sparse_block_class}; nothing to run expert-parallel"
-        )
+        reader.close()  # a block's checkpoint pages leave this process's memory before the next is read
     return moe_blocks, expert_bytes_read
+
+
+def _check_placement(placement: ExpertPlacement, layers: int, num_experts: int, ep_size: int) -> None:
+    if (len(placement.layers), placement.num_experts, placement.ep_size) != (layers, num_experts, ep_size):
+        raise ValueError(
+            f"expert placement for {len(placement.layers)} MoE layers of {placement.num_experts} experts over "
+            f"{placement.ep_size} ranks; this teacher has {layers} MoE layers of {num_experts} experts at EP size {ep_size}"
+        )
 
 
 def _load_block_weights(block: ExpertParallelMoE, reader: CheckpointReader, block_prefix: str, dtype) -> None:

@@ -1,9 +1,10 @@
 """The expert-parallel MoE block that replaces a family's sparse MoE block in the teacher.
 
-It holds the replicated router (and shared experts, where the family has them) and only this
-rank's experts. transformers' decoder layer calls `mlp(hidden_states)` with nothing else, so the
-routing policy and per-token keys of the current forward are set on the block by
-`MoETeacher.forward` (`active`) rather than passed as arguments.
+It holds the replicated router (and shared experts, where the family has them) and only the
+experts of this rank's slots in the layer's placement (ds_moekd/teacher/placement.py; by default
+the contiguous block N/E_p·r ..). transformers' decoder layer calls `mlp(hidden_states)` with
+nothing else, so the routing policy and per-token keys of the current forward are set on the
+block by `MoETeacher.forward` (`active`) rather than passed as arguments.
 
 Dispatch (`takes_dense_path`, the one dense/sparse rule): a policy choosing more than half of the
 experts per token (ALL, KA with K = N-1, SAR) runs the dense all-gather/reduce-scatter path;
@@ -30,6 +31,7 @@ from ds_moekd.runtime.rng import NOISE_SLOT_BASE, CounterKey, counter_normal
 from ds_moekd.teacher.dense_dispatch import dispatch_dense, ep_max_tokens, takes_dense_path
 from ds_moekd.teacher.diagnostics import GateDiagnostics, gate_diagnostics
 from ds_moekd.teacher.dispatch import dispatch_sparse, gathered_fits
+from ds_moekd.teacher.placement import RankSlots, SlotMap, contiguous_slots
 from ds_moekd.teacher.routing import RouterSpec, RoutingContext, RoutingPolicy
 
 logger = logging.getLogger(__name__)
@@ -66,8 +68,8 @@ class ExpertParallelMoE(nn.Module):
         gate: nn.Module,
         w_gate_up_EHJ: torch.Tensor,
         w_down_EIH: torch.Tensor,
-        expert_ids: range,
         groups: ParallelGroups,
+        slots: RankSlots | None = None,
         shared_expert: tuple[str, nn.Module] | None = None,
         shared_expert_gate: tuple[str, nn.Module] | None = None,
         checkpoint_prefix: str = "",
@@ -76,11 +78,9 @@ class ExpertParallelMoE(nn.Module):
         self.layer_index = layer_index
         self.checkpoint_prefix = checkpoint_prefix  # the block's tensor names in the checkpoint start here
         self.router = router
-        self.expert_ids = expert_ids
         self.groups = groups
         self.gate = gate  # replicated router module (checkpoint names under `gate.`)
-        self.w_gate_up_EHJ = nn.Parameter(w_gate_up_EHJ, requires_grad=False)
-        self.w_down_EIH = nn.Parameter(w_down_EIH, requires_grad=False)
+        self.hold_experts(slots or contiguous_slots(router.num_experts, groups.ep_size), w_gate_up_EHJ, w_down_EIH)
         # Shared experts keep transformers' module and attribute name, so checkpoint names match.
         self._shared_name = None if shared_expert is None else shared_expert[0]
         self._shared_gate_name = None if shared_expert_gate is None else shared_expert_gate[0]
@@ -88,10 +88,25 @@ class ExpertParallelMoE(nn.Module):
             if pair is not None:
                 self.add_module(*pair)
         self.active: ActiveRouting | None = None
-        # Assignments each local expert computed in the last forward (all EP ranks' tokens);
-        # for routing diagnostics and tests.
+        # Assignments each local slot computed in the last forward (all EP ranks' tokens);
+        # for routing diagnostics, tests and `ds-moekd bench placement`.
         self.last_load_E: torch.Tensor | None = None
         self._logged_paths: set[tuple[str, int]] = set()  # (exchange, experts per token) logged once each
+
+    def hold_experts(self, slots: RankSlots, w_gate_up_EHJ: torch.Tensor, w_down_EIH: torch.Tensor) -> None:
+        """Hold the weights of this rank's slots, `slots[ep_rank]` in slot order, of the layer's
+        placement `slots` (the experts in every EP rank's slots, ds_moekd/teacher/placement.py)."""
+        if len(slots) != self.groups.ep_size or w_gate_up_EHJ.shape[0] != len(slots[self.groups.ep_rank]):
+            raise ValueError(f"MoE layer {self.layer_index}: {w_gate_up_EHJ.shape[0]} expert weights for a placement "
+                             f"over {len(slots)} ranks {[list(s) for s in slots]} at EP size {self.groups.ep_size}")
+        self.slots = slots
+        self.expert_ids = slots[self.groups.ep_rank]  # the expert in each local slot
+        self.w_gate_up_EHJ = nn.Parameter(w_gate_up_EHJ, requires_grad=False)
+        self.w_down_EIH = nn.Parameter(w_down_EIH, requires_grad=False)
+        self.slot_map = SlotMap.of(slots, self.router.num_experts, w_gate_up_EHJ.device)
+        # The dense path runs the primary slots only: each expert once in the EP group, N/E_p per rank.
+        self._primaries = self.router.num_experts // self.groups.ep_size
+        self._primary_ids = torch.tensor(self.expert_ids[: self._primaries], device=w_gate_up_EHJ.device)
 
     @property
     def gate_weight_NH(self) -> torch.Tensor:
@@ -130,6 +145,7 @@ class ExpertParallelMoE(nn.Module):
                 ep_group=self.groups.ep_group,
                 expert_ffn=self._local_experts_dense,
                 max_tokens=active.ep_max_tokens,
+                experts=self._primary_ids,
             )
         else:
             if logits_TN.requires_grad:
@@ -151,6 +167,7 @@ class ExpertParallelMoE(nn.Module):
                 expert_ffn=self._local_experts_grouped,
                 ep_rank=self.groups.ep_rank,
                 max_tokens=active.ep_max_tokens,
+                slot_map=self.slot_map,
             )
         if self._shared_name is not None:
             shared_TH = getattr(self, self._shared_name)(x_TH)
@@ -176,7 +193,8 @@ class ExpertParallelMoE(nn.Module):
         return grouped_experts(x_RH, tokens_per_expert_E, self.w_gate_up_EHJ, self.w_down_EIH)
 
     def _local_experts_dense(self, x_RH: torch.Tensor, gate_weights_RE: torch.Tensor) -> torch.Tensor:
-        return dense_experts(x_RH, gate_weights_RE, self.w_gate_up_EHJ, self.w_down_EIH)
+        primary = self._primaries
+        return dense_experts(x_RH, gate_weights_RE, self.w_gate_up_EHJ[:primary], self.w_down_EIH[:primary])
 
     def _log_path(self, path: str, experts_per_token: int, num_experts: int) -> None:
         if (path, experts_per_token) not in self._logged_paths:
@@ -186,6 +204,6 @@ class ExpertParallelMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"layer={self.layer_index}, experts={self.expert_ids.start}..{self.expert_ids.stop - 1} "
-            f"of {self.router.num_experts}, top_k={self.router.top_k}, ep_size={self.groups.ep_size}"
+            f"layer={self.layer_index}, experts={list(self.expert_ids)} of {self.router.num_experts}, "
+            f"top_k={self.router.top_k}, ep_size={self.groups.ep_size}"
         )

@@ -160,11 +160,32 @@ def test_random_teacher_is_a_loadable_mixtral_and_is_reused(tiny_demo, tmp_path)
 
     out = build_random_teacher(tmp_path / "t", tiny_demo / "student", layers=1, hidden=32, experts=4, inter=64,
                                heads=2)
-    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    stamp = (out / "model-00001.safetensors").stat().st_mtime_ns
     assert build_random_teacher(out, tiny_demo / "student") == out  # kept, not rebuilt
-    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert (out / "model-00001.safetensors").stat().st_mtime_ns == stamp
     ids = torch.randint(3, 200, (2, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = MoETeacher.from_pretrained(str(out)).eval()(ids).logits
         theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_random_teacher_weights_are_written_in_shards_of_bounded_size(tiny_demo, tmp_path, monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    from ds_moekd.bench import random_teacher
+    from ds_moekd.teacher import MoETeacher
+
+    monkeypatch.setattr(random_teacher, "SHARD_BYTES", 64 * 1024)
+    out = random_teacher.build_random_teacher(tmp_path / "t", tiny_demo / "student", layers=2, hidden=32, experts=4,
+                                              inter=64, heads=2)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(out.glob("model-*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
+    for f in files:  # at most SHARD_BYTES of tensors, unless one tensor alone is larger
+        tensors = load_file(f)
+        assert len(tensors) == 1 or sum(t.nbytes for t in tensors.values()) <= 64 * 1024
+    teacher = MoETeacher.from_pretrained(str(out))
+    assert sum(p.numel() * 4 for p in teacher.parameters()) == index["metadata"]["total_size"]

@@ -93,3 +93,33 @@ def test_baseline_routing_matches_the_ds_moekd_teacher(mode):
         routing.set("policy", policy, batch, 1)
         second = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         assert not torch.allclose(first[real], second[real])
+
+
+@pytest.mark.slow
+def test_a_baseline_the_plan_says_cannot_fit_is_tried_once_and_its_failure_recorded(tmp_path, monkeypatch):
+    """Told the machine has 0.5 GiB, the plan refuses the demo baseline: ours runs alone, the baseline
+    is tried under a per-rank address-space limit and fails, and the table says so next to the plans."""
+    from ds_moekd.bench import e2e
+
+    monkeypatch.setattr(e2e, "machine_memory_gib", lambda: 0.5)
+    out = tmp_path / "e2e"
+    main(["--size", "demo", "--steps", "2", "--skip", "1", "--rounds", "1", "--micro-batch", "2",
+          "--work", str(tmp_path / "work"), "--out", str(out)])
+    result = json.loads(out.with_name("e2e_kd.json").read_text())["results"][0]
+    assert result["median_tokens_per_s"]["ours"] > 0 and result["median_tokens_per_s"]["baseline"] is None
+    assert result["baseline_failed"] and result["tokens_per_s_ratio"] is None
+    assert result["plan_peak_mib_per_rank"]["baseline"] > 0.5 * 1024 / 2
+    assert "failed:" in out.with_name("e2e_kd.md").read_text()
+
+
+def test_a_failed_runs_reason_is_its_allocation_error_without_machine_paths():
+    from ds_moekd.bench.e2e import failure_reason
+
+    output = """[rank0]: Traceback (most recent call last):
+[rank0]: RuntimeError: unable to mmap 1618141848 bytes from file </data/x/teacher/model-00006.safetensors>: Cannot allocate memory (12)
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+"""
+    reason = failure_reason(output)
+    assert reason.startswith("[rank0]: RuntimeError: unable to mmap") and "<model-00006.safetensors>" in reason
+    assert "/data/" not in reason
+    assert failure_reason("ValueError: bad\ntorch...ChildFailedError:\n") == "ValueError: bad"

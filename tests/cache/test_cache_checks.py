@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from helpers import REPO
+from helpers.rankprocs import tiny_overrides
 from transformers import AutoTokenizer
 
 from ds_moekd.cache.build import top_k_targets
@@ -13,8 +15,6 @@ from ds_moekd.cache.shards import discard, verified_shards, write_shard
 from ds_moekd.config import load_config
 from ds_moekd.run.errors import ConfigError
 from ds_moekd.train import training_examples
-from helpers import REPO
-from helpers.rankprocs import tiny_overrides
 
 
 def test_top_k_targets_match_a_plain_softmax():

@@ -6,6 +6,8 @@ import time
 
 import pytest
 import torch
+from helpers import REPO
+from helpers.rankprocs import run_once, start_ranks, stop, tiny_overrides, wait_all
 from transformers import AutoTokenizer
 
 from ds_moekd.cache.build import top_k_targets
@@ -16,8 +18,6 @@ from ds_moekd.methods.kd import targets_of
 from ds_moekd.runtime.dist import ParallelGroups
 from ds_moekd.teacher import MoETeacher
 from ds_moekd.train import teacher_scores, training_examples
-from helpers import REPO
-from helpers.rankprocs import run_once, start_ranks, stop, tiny_overrides, wait_all
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,6 @@ documented k + 1-outcome KL below it, and gradients that match autograd of a pla
 import pytest
 import torch
 import torch.nn.functional as F
-
 from ds_moekd.kernels import SparseTeacher, divergence, lm_head_loss
 
 

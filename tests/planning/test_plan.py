@@ -83,3 +83,18 @@ def test_plan_agrees_with_measured_peak_memory(tiny_demo, tmp_path, world):
     row = measure("check", tmp_path / "runs", tiny_demo, teacher, world=world)
     assert row["measured_peak_mib"] > 0
     assert abs(row["error"]) < 0.15, row
+
+
+def test_the_baseline_plan_holds_the_whole_teacher_and_an_unpartitioned_ddp_student():
+    cfg = load_config(REPO / "ds_configs/cluster/mixtral-8x7b_to_1b_2x8xH100.yaml")
+    ours = plan(cfg, world_size=16, device="gpu", ep_size=8)
+    base = plan(cfg, world_size=16, device="gpu", ep_size=8, baseline=True)
+    t, s = teacher_shape(MODELS / "mixtral-8x7b"), student_shape(REPO / cfg.student.path)
+    assert base["system"] == "baseline" and base["layout"]["ep_size"] == 1 and base["layout"]["zero_stage"] == 0
+    assert base["memory_bytes"]["teacher expert shard"] == t.expert_params * 2 == 8 * ours["memory_bytes"][
+        "teacher expert shard"]
+    mixed = 12  # fp32 master weights and AdamW m, v per parameter, whole on every rank
+    assert base["memory_bytes"]["student optimizer states (partition)"] == s.params * mixed
+    assert base["memory_bytes"]["student DDP gradient buckets"] == s.params * 2
+    assert "full logits + loss buffers" in base["memory_bytes"] and "fused-head loss buffers" not in base["memory_bytes"]
+    assert base["device_total_bytes"] > ours["device_total_bytes"]

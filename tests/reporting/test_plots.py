@@ -32,6 +32,10 @@ FIGURES = {
     "e2e_speed_and_memory": lambda p: plots.e2e_speed_and_memory(
         p, ["kd\ndemo", "kd\nrandom-300mb"], {"ours": [100.0, 50.0], "baseline": [90.0, 40.0]},
         {"ours": [500.0, 900.0], "baseline": [600.0, 1000.0]}),
+    "e2e_cost_curves": lambda p: plots.e2e_cost_curves(
+        p, [0.3, 1.1, 10.1, 0.3, 1.1, 10.1], ["kd"] * 3 + ["ka"] * 3,
+        {"ours": [100.0, 50.0, 5.0, 60.0, 30.0, 3.0], "baseline": [90.0, 40.0, None, 50.0, 20.0, None]},
+        {"ours": [500.0, 900.0, 6000.0, 520.0, 950.0, 6100.0], "baseline": [600.0, 1300.0, None, 620.0, 1350.0, None]}),
 }
 
 

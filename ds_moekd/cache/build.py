@@ -63,13 +63,24 @@ def top_k_targets(hidden, head_VH: torch.Tensor, k: int, temperature: float):
     return tuple(torch.stack(t, dim=1) for t in zip(*out, strict=True))
 
 
-def shard_batches(dataset: TokenizedDataset, shard: int, per_shard: int, batch_size: int, pad: int):
-    """(example ids, batch) of one shard, examples sorted by length so a batch pads little."""
-    ids = range(shard * per_shard, min((shard + 1) * per_shard, len(dataset.examples)))
+def shard_range(shard: int, per_shard: int, examples: int) -> range:
+    """The example ids of shard `shard` (cache/shards.py)."""
+    return range(shard * per_shard, min((shard + 1) * per_shard, examples))
+
+
+def shard_batches(dataset: TokenizedDataset, shards: list[int], per_shard: int, batch_size: int, pad: int):
+    """(shard, example ids, batch) of the shards in turn, each shard's examples sorted by length so a
+    batch pads little."""
+    for shard in shards:
+        yield from _one_shard(dataset, shard, per_shard, batch_size, pad)
+
+
+def _one_shard(dataset: TokenizedDataset, shard: int, per_shard: int, batch_size: int, pad: int):
+    ids = shard_range(shard, per_shard, len(dataset.examples))
     ordered = sorted(ids, key=lambda i: len(dataset.examples[i].prompt_ids) + len(dataset.examples[i].response_ids))
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start:start + batch_size]
-        yield chunk, collate([dataset.examples[i] for i in chunk], pad, example_ids=chunk)
+        yield shard, chunk, collate([dataset.examples[i] for i in chunk], pad, example_ids=chunk)
 
 
 class ShardWriter:
@@ -171,17 +182,16 @@ def build(cfg: RunConfig, out: Path, *, routings: list[str], top_k: int, dtype: 
         teacher = load_teacher(cfg, groups, device, precision)
     mine = pending[groups.rank::groups.world_size]
     total = sum(len(dataset.examples[i].response_ids) for s in pending
-                for i in range(s * shard_examples, min((s + 1) * shard_examples, len(dataset.examples))))
+                for i in shard_range(s, shard_examples, len(dataset.examples)))
     log.info("teacher cache %s: %d of %d shards to build (%d response tokens), routings %s, top-%d, this rank %s",
              out, len(pending), manifest["shards"]["count"], total, routings, top_k, mine)
     start = logged = time.perf_counter()
     done = 0  # tokens of every rank
-    work = ((s, ids, batch) for s in mine for ids, batch in shard_batches(
-        dataset, s, shard_examples, batch_size, tokenizer.pad_token_id))
+    work = shard_batches(dataset, mine, shard_examples, batch_size, tokenizer.pad_token_id)
     stand_in = collate([dataset.examples[0]], tokenizer.pad_token_id, example_ids=[0]).to(device)
-    mine_first = itertools.islice((b for s in mine for _, b in shard_batches(
-        dataset, s, shard_examples, batch_size, tokenizer.pad_token_id)), CALIBRATION_BATCHES)
-    calibration = [b.to(device) for b in mine_first]
+    first = list(itertools.islice(work, CALIBRATION_BATCHES))  # calibrate on them, then build them
+    calibration = [batch.to(device) for _, _, batch in first]
+    work = itertools.chain(first, work)
     # the placement serves the sparse routing, if any is asked (ds_moekd/train.py)
     place_teacher_experts(cfg, teacher, routing_of(cfg, "native" if "native" in routings else routings[0]),
                           calibration + [stand_in] * (CALIBRATION_BATCHES - len(calibration)))
@@ -202,9 +212,8 @@ def build(cfg: RunConfig, out: Path, *, routings: list[str], top_k: int, dtype: 
             if item is None:
                 continue
             shard, ids, _ = item
-            writer = writers.setdefault(shard, ShardWriter(out, shard, range(
-                shard * shard_examples, min((shard + 1) * shard_examples, len(dataset.examples))), routings,
-                DTYPES[dtype]))
+            writer = writers.setdefault(shard, ShardWriter(
+                out, shard, shard_range(shard, shard_examples, len(dataset.examples)), routings, DTYPES[dtype]))
             for example, tensors in zip(ids, rows, strict=True):
                 writer.add(example, tensors)
             if writer.full:
